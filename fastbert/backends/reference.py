@@ -1,0 +1,125 @@
+"""The reference backend: pure PyTorch, the truth every kernel is tested against.
+
+Each function implements one op contract of :mod:`fastbert.ops` with the arithmetic of the
+d2l book (same operation order, same -1e6 fill), so an fp32 model on this backend matches
+d2l to the last bit where d2l's own code is deterministic.  Inputs arrive already checked
+and normalized by :mod:`fastbert.ops` (valid_lens as int32 on the right device).
+Autograd gives every backward.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import Backend, register_backend
+
+# d2l fills masked scores with -1e6.  In fp16 that overflows to -inf and a valid_len-0 row
+# becomes NaN; the most negative finite value keeps the row uniform (documented difference).
+D2L_MASK_VALUE = -1e6
+
+
+def mask_value(dtype: torch.dtype) -> float:
+    return max(D2L_MASK_VALUE, torch.finfo(dtype).min)
+
+
+def key_mask(valid_lens: torch.Tensor, n_queries: int, n_keys: int) -> torch.Tensor:
+    """Bool [N, Lq, Lk]: True where key j is visible (j < valid length) for each query."""
+    keys = torch.arange(n_keys, device=valid_lens.device)
+    if valid_lens.dim() == 1:
+        return (keys[None, None, :] < valid_lens[:, None, None]).expand(-1, n_queries, -1)
+    return keys[None, None, :] < valid_lens[:, :, None]
+
+
+def masked_softmax(X: torch.Tensor, valid_lens: Optional[torch.Tensor]) -> torch.Tensor:
+    if valid_lens is None:
+        return F.softmax(X, dim=-1)
+    mask = key_mask(valid_lens, X.shape[1], X.shape[2])
+    return F.softmax(X.masked_fill(~mask, mask_value(X.dtype)), dim=-1)
+
+
+def attention_with_weights(q, k, v, valid_lens, dropout_p: float, scale: Optional[float]):
+    """Padded attention as d2l's DotProductAttention computes it; returns (out, weights)."""
+    scores = torch.bmm(q, k.transpose(1, 2))
+    # d2l divides by sqrt(d); keep that exact operation when no scale is given.
+    scores = scores / math.sqrt(q.shape[-1]) if scale is None else scores * scale
+    weights = masked_softmax(scores, valid_lens)
+    return torch.bmm(F.dropout(weights, dropout_p, training=dropout_p > 0), v), weights
+
+
+def attention(q, k, v, valid_lens, dropout_p: float = 0.0, scale: Optional[float] = None):
+    return attention_with_weights(q, k, v, valid_lens, dropout_p, scale)[0]
+
+
+def lengths_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    return (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+
+
+def pack(X: torch.Tensor, valid_lens: torch.Tensor):
+    B, L = X.shape[:2]
+    lengths = valid_lens.long()
+    mask = torch.arange(L, device=X.device)[None, :] < lengths[:, None]
+    cu_seqlens = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+    max_len = int(lengths.max()) if B else 0
+    return X[mask], cu_seqlens, max_len
+
+
+def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, L: int) -> torch.Tensor:
+    lengths = lengths_from_cu_seqlens(cu_seqlens)
+    B = lengths.shape[0]
+    mask = torch.arange(L, device=packed.device)[None, :] < lengths[:, None]
+    out = packed.new_zeros((B, L) + tuple(packed.shape[1:]))
+    return out.masked_scatter(mask.view((B, L) + (1,) * (packed.dim() - 1)), packed)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_len: int, dropout_p: float = 0.0,
+                     scale: Optional[float] = None, seed=None):
+    """Attention within each packed sequence: unpack, padded attention, pack."""
+    T, H, D = q.shape
+    lengths = lengths_from_cu_seqlens(cu_seqlens)
+    B = lengths.shape[0]
+    L = max(int(max_len), 1)
+
+    def to_heads(x):  # [T, H, D] -> [B*H, L, D]
+        return unpack(x, cu_seqlens, L).permute(0, 2, 1, 3).reshape(B * H, L, D)
+
+    vl = lengths.repeat_interleave(H)
+    out = attention(to_heads(q), to_heads(k), to_heads(v), vl, dropout_p, scale)
+    out = out.reshape(B, H, L, D).permute(0, 2, 1, 3)
+    return pack(out, lengths)[0]
+
+
+def add_layernorm(x, y, weight, bias, eps: float, dropout_p: float = 0.0, seed=None):
+    # d2l AddNorm(X, Y) = ln(dropout(Y) + X), in that operation order.
+    z = F.dropout(y, dropout_p, training=dropout_p > 0) + x
+    return F.layer_norm(z, (z.shape[-1],), weight, bias, eps)
+
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+def ffn(x, w1, b1, w2, b2, activation: str = "relu"):
+    return F.linear(ACTIVATIONS[activation](F.linear(x, w1, b1)), w2, b2)
+
+
+def gather_positions(X: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    batch_idx = torch.arange(X.shape[0], device=X.device)[:, None]
+    return X[batch_idx, positions.long()]
+
+
+OPS = {
+    "masked_softmax": masked_softmax,
+    "attention": attention,
+    "pack": pack,
+    "unpack": unpack,
+    "varlen_attention": varlen_attention,
+    "add_layernorm": add_layernorm,
+    "ffn": ffn,
+    "gather_positions": gather_positions,
+}
+
+register_backend(Backend(
+    "reference", dict(OPS), device_types=frozenset({"cpu", "cuda", "mps", "xpu", "meta"}),
+    dtypes=frozenset({torch.float64, torch.float32, torch.bfloat16, torch.float16})))

@@ -1,0 +1,183 @@
+"""BERT with the d2l 0.17.x API (the book's BERT chapters and its SNLI fine-tuning).
+
+Model options beyond d2l (keyword-only, d2l behaviour by default):
+
+* ``ffn_activation``: ``"relu"`` (d2l) or ``"gelu"`` (BERT checkpoints);
+* ``layer_norm_eps``: 1e-5 (d2l; BERT checkpoints use 1e-12);
+* ``embedding_layer_norm``: LayerNorm + dropout after the embedding sum (BERT checkpoints);
+* ``train_pos_embedding``: d2l 0.17 adds ``pos_embedding.data``, so the positional
+  embedding never trains (False, the default here); d2l 1.x trains it (True);
+* ``unpadded``: run the encoder on packed tokens (None: whenever the backend picked for
+  ``varlen_attention`` is not the reference and valid_lens is None or 1-D).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import backends, ops
+from .layers import DotProductAttention, EncoderBlock
+
+__all__ = ["get_tokens_and_segments", "BERTEncoder", "MaskLM", "NextSentencePred", "BERTModel",
+           "BERTClassifier"]
+
+
+def get_tokens_and_segments(tokens_a, tokens_b=None):
+    """``<cls> a <sep> [b <sep>]`` and its segment ids (d2l)."""
+    tokens = ["<cls>"] + tokens_a + ["<sep>"]
+    segments = [0] * (len(tokens_a) + 2)
+    if tokens_b is not None:
+        tokens += tokens_b + ["<sep>"]
+        segments += [1] * (len(tokens_b) + 1)
+    return tokens, segments
+
+
+def _check_ids(name: str, ids, upper: int, like: Optional[torch.Tensor] = None) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got "
+                        f"{type(ids).__name__ if not isinstance(ids, torch.Tensor) else ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must be [batch, seq_len], got shape {tuple(ids.shape)}")
+    if like is not None:
+        if ids.shape != like.shape:
+            raise ValueError(f"{name} shape {tuple(ids.shape)} differs from tokens shape "
+                             f"{tuple(like.shape)}")
+        if ids.device != like.device:
+            raise ValueError(f"{name} is on {ids.device} but tokens are on {like.device}")
+    if not torch.compiler.is_compiling() and ids.numel() and ids.device.type != "meta":
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= upper:
+            raise ValueError(f"{name} must lie in [0, {upper - 1}], got values in [{lo}, {hi}]")
+
+
+class BERTEncoder(nn.Module):
+    """BERT encoder (d2l 0.17 signature)."""
+
+    def __init__(self, vocab_size, num_hiddens, norm_shape, ffn_num_input, ffn_num_hiddens,
+                 num_heads, num_layers, dropout, max_len=1000, key_size=768, query_size=768,
+                 value_size=768, *, ffn_activation="relu", layer_norm_eps=1e-5,
+                 embedding_layer_norm=False, train_pos_embedding=False,
+                 unpadded: Optional[bool] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size, self.max_len = vocab_size, max_len
+        self.train_pos_embedding = train_pos_embedding
+        self.unpadded = unpadded
+        self.token_embedding = nn.Embedding(vocab_size, num_hiddens)
+        self.segment_embedding = nn.Embedding(2, num_hiddens)
+        if embedding_layer_norm:
+            self.embedding_norm = nn.LayerNorm(num_hiddens, eps=layer_norm_eps)
+            self.embedding_dropout = nn.Dropout(dropout)
+        else:
+            self.embedding_norm = None
+        self.blks = nn.Sequential()
+        for i in range(num_layers):
+            self.blks.add_module(f"{i}", EncoderBlock(
+                key_size, query_size, value_size, num_hiddens, norm_shape, ffn_num_input,
+                ffn_num_hiddens, num_heads, dropout, True, ffn_activation=ffn_activation,
+                layer_norm_eps=layer_norm_eps))
+        # Learnable positional embeddings, long enough for max_len.
+        self.pos_embedding = nn.Parameter(torch.randn(1, max_len, num_hiddens))
+
+    def embed(self, tokens, segments):
+        X = self.token_embedding(tokens) + self.segment_embedding(segments)
+        pos = self.pos_embedding[:, :X.shape[1], :]
+        # d2l 0.17 adds `pos_embedding.data`: no gradient ever reaches it.
+        X = X + (pos if self.train_pos_embedding else pos.detach())
+        if self.embedding_norm is not None:
+            X = self.embedding_dropout(self.embedding_norm(X))
+        return X
+
+    def uses_unpadded(self, X: torch.Tensor, valid_lens) -> bool:
+        if valid_lens is not None and valid_lens.dim() != 1:
+            return False  # per-query lengths need the padded attention
+        if any(isinstance(m, DotProductAttention) and m.keep_weights for m in self.modules()):
+            return False  # attention weights are defined on the padded layout
+        if self.unpadded is not None:
+            return self.unpadded
+        return backends.resolve_name("varlen_attention", X.device.type, X.dtype) != "reference"
+
+    def forward(self, tokens, segments, valid_lens):
+        _check_ids("tokens", tokens, self.vocab_size)
+        _check_ids("segments", segments, 2, like=tokens)
+        B, L = tokens.shape
+        if L > self.max_len:
+            raise ValueError(f"tokens have length {L} but the model's max_len is {self.max_len}")
+        valid_lens = ops.normalize_valid_lens(valid_lens, B, L, L, tokens.device)
+        X = self.embed(tokens, segments)
+        if not self.uses_unpadded(X, valid_lens):
+            for blk in self.blks:
+                X = blk(X, valid_lens)
+            return X
+        if valid_lens is None:
+            valid_lens = torch.full((B,), L, dtype=torch.int32, device=tokens.device)
+        # Pack the valid tokens once, run every block on [T, C], unpack once: pads come back 0.
+        packed, cu_seqlens, max_len = ops.pack(X, valid_lens)
+        for blk in self.blks:
+            packed = blk.forward_packed(packed, cu_seqlens, max_len)
+        return ops.unpack(packed, cu_seqlens, L)
+
+
+class MaskLM(nn.Module):
+    """The masked language model head (d2l 0.17 signature)."""
+
+    def __init__(self, vocab_size, num_hiddens, num_inputs=768, **kwargs):
+        super().__init__(**kwargs)
+        self.mlp = nn.Sequential(nn.Linear(num_inputs, num_hiddens), nn.ReLU(),
+                                 nn.LayerNorm(num_hiddens), nn.Linear(num_hiddens, vocab_size))
+
+    def forward(self, X, pred_positions):
+        return self.mlp(ops.gather_positions(X, pred_positions))
+
+
+class NextSentencePred(nn.Module):
+    """The next sentence prediction head (d2l 0.17 signature)."""
+
+    def __init__(self, num_inputs, **kwargs):
+        super().__init__(**kwargs)
+        self.output = nn.Linear(num_inputs, 2)
+
+    def forward(self, X):
+        return self.output(X)
+
+
+class BERTModel(nn.Module):
+    """The BERT model (d2l 0.17 signature; model options: see the module docstring)."""
+
+    def __init__(self, vocab_size, num_hiddens, norm_shape, ffn_num_input, ffn_num_hiddens,
+                 num_heads, num_layers, dropout, max_len=1000, key_size=768, query_size=768,
+                 value_size=768, hid_in_features=768, mlm_in_features=768,
+                 nsp_in_features=768, **options):
+        super().__init__()
+        self.encoder = BERTEncoder(vocab_size, num_hiddens, norm_shape, ffn_num_input,
+                                   ffn_num_hiddens, num_heads, num_layers, dropout,
+                                   max_len=max_len, key_size=key_size, query_size=query_size,
+                                   value_size=value_size, **options)
+        self.hidden = nn.Sequential(nn.Linear(hid_in_features, num_hiddens), nn.Tanh())
+        self.mlm = MaskLM(vocab_size, num_hiddens, mlm_in_features)
+        self.nsp = NextSentencePred(nsp_in_features)
+
+    def forward(self, tokens, segments, valid_lens=None, pred_positions=None):
+        encoded_X = self.encoder(tokens, segments, valid_lens)
+        mlm_Y_hat = self.mlm(encoded_X, pred_positions) if pred_positions is not None else None
+        # The NSP classifier reads the '<cls>' token (position 0).
+        nsp_Y_hat = self.nsp(self.hidden(encoded_X[:, 0, :]))
+        return encoded_X, mlm_Y_hat, nsp_Y_hat
+
+
+class BERTClassifier(nn.Module):
+    """The fine-tuning chapter's classifier: the pretrained encoder and ``hidden`` layer plus
+    a new output layer.  The book hard-codes ``nn.Linear(256, 3)``; its input width here is
+    read from ``bert.hidden`` (256 for bert.small, 768 for bert.base)."""
+
+    def __init__(self, bert, num_classes: int = 3):
+        super().__init__()
+        self.encoder = bert.encoder
+        self.hidden = bert.hidden
+        self.output = nn.Linear(bert.hidden[0].out_features, num_classes)
+
+    def forward(self, inputs):
+        tokens_X, segments_X, valid_lens_x = inputs
+        encoded_X = self.encoder(tokens_X, segments_X, valid_lens_x)
+        return self.output(self.hidden(encoded_X[:, 0, :]))

@@ -1,0 +1,182 @@
+"""The book's Transformer layers with d2l 0.17.x signatures, running on fastbert ops.
+
+Parameters live under d2l's names (``W_q``, ``addnorm1.ln``, ``ffn.dense1`` ...) so d2l
+state_dicts load with ``strict=True``.  The modules hold no kernel code: they call
+:mod:`fastbert.ops`, which picks a backend.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import backends, ops
+
+__all__ = [
+    "masked_softmax", "transpose_qkv", "transpose_output", "DotProductAttention",
+    "MultiHeadAttention", "PositionWiseFFN", "AddNorm", "EncoderBlock", "keep_attention_weights",
+]
+
+masked_softmax = ops.masked_softmax
+
+
+def transpose_qkv(X: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, L, H*D] -> [B*H, L, D] (d2l)."""
+    X = X.reshape(X.shape[0], X.shape[1], num_heads, -1)
+    X = X.permute(0, 2, 1, 3)
+    return X.reshape(-1, X.shape[2], X.shape[3])
+
+
+def transpose_output(X: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B*H, L, D] -> [B, L, H*D], the inverse of :func:`transpose_qkv` (d2l)."""
+    X = X.reshape(-1, num_heads, X.shape[1], X.shape[2])
+    X = X.permute(0, 2, 1, 3)
+    return X.reshape(X.shape[0], X.shape[1], -1)
+
+
+def _dropout_p(module: nn.Dropout, training: bool) -> float:
+    return float(module.p) if training else 0.0
+
+
+class DotProductAttention(nn.Module):
+    """Scaled dot-product attention (d2l).
+
+    ``attention_weights``: d2l stores the softmax weights on every call.  Fused kernels never
+    build them, so they are kept only when ``keep_weights`` is True, or when it is None (the
+    default) and the reference backend runs this op.  Use :func:`keep_attention_weights` to
+    switch a whole model.
+    """
+
+    def __init__(self, dropout, keep_weights: Optional[bool] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.dropout = nn.Dropout(dropout)
+        self.keep_weights = keep_weights
+        self.attention_weights = None
+
+    def wants_weights(self, like: torch.Tensor) -> bool:
+        if self.keep_weights is not None:
+            return self.keep_weights
+        return backends.resolve_name("attention", like.device.type, like.dtype) == "reference"
+
+    def forward(self, queries, keys, values, valid_lens=None):
+        if self.wants_weights(queries):
+            # The book's computation, with the softmax on our masked_softmax op.
+            d = queries.shape[-1]
+            scores = torch.bmm(queries, keys.transpose(1, 2)) / math.sqrt(d)
+            self.attention_weights = ops.masked_softmax(scores, valid_lens)
+            return torch.bmm(self.dropout(self.attention_weights), values)
+        self.attention_weights = None
+        return ops.attention(queries, keys, values, valid_lens,
+                             _dropout_p(self.dropout, self.training))
+
+
+def keep_attention_weights(model: nn.Module, keep: Optional[bool] = True) -> nn.Module:
+    """Make every ``DotProductAttention`` in ``model`` store ``attention_weights`` (True),
+    never store them (False) or store them on the reference backend only (None).
+    Keeping weights also keeps the encoder on the padded path, where they are defined."""
+    for m in model.modules():
+        if isinstance(m, DotProductAttention):
+            m.keep_weights = keep
+    return model
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention (d2l 0.17 signature)."""
+
+    def __init__(self, key_size, query_size, value_size, num_hiddens, num_heads, dropout,
+                 bias=False, **kwargs):
+        super().__init__(**kwargs)
+        if num_hiddens % num_heads:
+            raise ValueError(f"num_hiddens ({num_hiddens}) must be divisible by num_heads "
+                             f"({num_heads})")
+        self.num_heads = num_heads
+        self.attention = DotProductAttention(dropout)
+        self.W_q = nn.Linear(query_size, num_hiddens, bias=bias)
+        self.W_k = nn.Linear(key_size, num_hiddens, bias=bias)
+        self.W_v = nn.Linear(value_size, num_hiddens, bias=bias)
+        self.W_o = nn.Linear(num_hiddens, num_hiddens, bias=bias)
+
+    def forward(self, queries, keys, values, valid_lens):
+        queries = transpose_qkv(self.W_q(queries), self.num_heads)
+        keys = transpose_qkv(self.W_k(keys), self.num_heads)
+        values = transpose_qkv(self.W_v(values), self.num_heads)
+        if valid_lens is not None:
+            # One copy of each sequence's lengths per head, as d2l does.
+            valid_lens = torch.repeat_interleave(valid_lens, repeats=self.num_heads, dim=0)
+        output = self.attention(queries, keys, values, valid_lens)
+        return self.W_o(transpose_output(output, self.num_heads))
+
+    def forward_packed(self, X: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int):
+        """Self-attention on packed tokens ``X[T, C]`` (the unpadded encoder)."""
+        T, H = X.shape[0], self.num_heads
+        q = self.W_q(X).reshape(T, H, -1)
+        k = self.W_k(X).reshape(T, H, -1)
+        v = self.W_v(X).reshape(T, H, -1)
+        out = ops.varlen_attention(q, k, v, cu_seqlens, max_len,
+                                   _dropout_p(self.attention.dropout, self.training))
+        return self.W_o(out.reshape(T, -1))
+
+
+class PositionWiseFFN(nn.Module):
+    """Position-wise FFN (d2l); ``activation`` is ``relu`` (the book) or ``gelu`` (BERT)."""
+
+    def __init__(self, ffn_num_input, ffn_num_hiddens, ffn_num_outputs, activation="relu",
+                 **kwargs):
+        super().__init__(**kwargs)
+        if activation not in ops.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ops.ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
+        self.dense1 = (nn.LazyLinear(ffn_num_hiddens) if ffn_num_input is None
+                       else nn.Linear(ffn_num_input, ffn_num_hiddens))
+        self.relu = nn.ReLU() if activation == "relu" else nn.GELU()
+        self.dense2 = (nn.LazyLinear(ffn_num_outputs) if ffn_num_input is None
+                       else nn.Linear(ffn_num_hiddens, ffn_num_outputs))
+
+    def forward(self, X):
+        if isinstance(self.dense1.weight, nn.parameter.UninitializedParameter):
+            # d2l 1.x lazy layers: the first call materializes them through the modules.
+            return self.dense2(self.relu(self.dense1(X)))
+        return ops.ffn(X, self.dense1.weight, self.dense1.bias, self.dense2.weight,
+                       self.dense2.bias, self.activation)
+
+
+class AddNorm(nn.Module):
+    """Residual connection, dropout and LayerNorm: ``ln(dropout(Y) + X)`` (d2l)."""
+
+    def __init__(self, normalized_shape, dropout, eps: float = 1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.dropout = nn.Dropout(dropout)
+        self.ln = nn.LayerNorm(normalized_shape, eps=eps)
+
+    def forward(self, X, Y):
+        if len(self.ln.normalized_shape) != 1:  # the book only uses 1-D shapes
+            return self.ln(self.dropout(Y) + X)
+        return ops.add_layernorm(X, Y, self.ln.weight, self.ln.bias, self.ln.eps,
+                                 _dropout_p(self.dropout, self.training))
+
+
+class EncoderBlock(nn.Module):
+    """Transformer encoder block (d2l 0.17 signature), plus the model options
+    ``ffn_activation`` and ``layer_norm_eps`` (d2l defaults)."""
+
+    def __init__(self, key_size, query_size, value_size, num_hiddens, norm_shape,
+                 ffn_num_input, ffn_num_hiddens, num_heads, dropout, use_bias=False,
+                 ffn_activation="relu", layer_norm_eps=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.attention = MultiHeadAttention(key_size, query_size, value_size, num_hiddens,
+                                            num_heads, dropout, use_bias)
+        self.addnorm1 = AddNorm(norm_shape, dropout, eps=layer_norm_eps)
+        self.ffn = PositionWiseFFN(ffn_num_input, ffn_num_hiddens, num_hiddens,
+                                   activation=ffn_activation)
+        self.addnorm2 = AddNorm(norm_shape, dropout, eps=layer_norm_eps)
+
+    def forward(self, X, valid_lens):
+        Y = self.addnorm1(X, self.attention(X, X, X, valid_lens))
+        return self.addnorm2(Y, self.ffn(Y))
+
+    def forward_packed(self, X, cu_seqlens, max_len):
+        """The same block on packed tokens ``X[T, C]``."""
+        Y = self.addnorm1(X, self.attention.forward_packed(X, cu_seqlens, max_len))
+        return self.addnorm2(Y, self.ffn(Y))

@@ -1,0 +1,229 @@
+"""The ops front door: one function per hot op, one contract each (see DESIGN.md).
+
+Every function checks its inputs once (clear ``TypeError``/``ValueError`` naming the
+argument), normalizes ``valid_lens`` (float or integer, as the book stores them, to int32
+on the data's device), picks a backend through :mod:`fastbert.backends` and calls it.
+Backends receive checked inputs and implement exactly these semantics.
+
+Shapes: B batch, H heads, L padded length, D head size, C hidden, T total valid tokens.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from . import backends
+
+__all__ = [
+    "masked_softmax", "attention", "pack", "unpack", "varlen_attention", "add_layernorm",
+    "ffn", "gather_positions", "dropout_seed", "normalize_valid_lens", "FLOAT_DTYPES",
+]
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+ACTIVATIONS = ("relu", "gelu")
+
+
+# ----------------------------------------------------------------------------- checks
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _check_tensor(name: str, t, ndim=None, dtypes=FLOAT_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() not in ((ndim,) if isinstance(ndim, int) else ndim):
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have a floating dtype in {dtypes}, got {t.dtype}")
+
+
+def _check_same_device(**tensors) -> None:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def _check_dropout(p) -> float:
+    if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {p!r}")
+    return float(p)
+
+
+def normalize_valid_lens(valid_lens, n: int, n_queries: Optional[int], n_keys: int,
+                         device: torch.device, name: str = "valid_lens"):
+    """Check ``valid_lens`` (None, [n] or [n, n_queries]; int or float) and return it as
+    int32 on ``device``.  A float length counts keys j < length, as d2l's mask does, so it
+    rounds up.  Values must lie in [0, n_keys]."""
+    if valid_lens is None:
+        return None
+    if not isinstance(valid_lens, torch.Tensor):
+        raise TypeError(f"{name} must be None or a torch.Tensor, got {type(valid_lens).__name__}")
+    if valid_lens.dtype == torch.bool or valid_lens.is_complex():
+        raise TypeError(f"{name} must hold integer or float lengths, got {valid_lens.dtype}")
+    if valid_lens.device != device:
+        raise ValueError(f"{name} is on {valid_lens.device} but the data is on {device}")
+    if valid_lens.dim() == 1:
+        if valid_lens.shape[0] != n:
+            raise ValueError(f"{name} of shape {tuple(valid_lens.shape)} must have {n} entries "
+                             f"(one per sequence)")
+    elif valid_lens.dim() == 2 and n_queries is not None:
+        if tuple(valid_lens.shape) != (n, n_queries):
+            raise ValueError(f"2-D {name} must have shape ({n}, {n_queries}) (one per query), "
+                             f"got {tuple(valid_lens.shape)}")
+    else:
+        allowed = "1-D" if n_queries is None else "1-D or 2-D"
+        raise ValueError(f"{name} must be {allowed}, got shape {tuple(valid_lens.shape)}")
+    if valid_lens.is_floating_point():
+        valid_lens = torch.ceil(valid_lens)
+    lens = valid_lens.to(torch.int32)
+    if not _compiling() and lens.numel() and lens.device.type != "meta":
+        lo, hi = int(lens.min()), int(lens.max())
+        if lo < 0 or hi > n_keys:
+            raise ValueError(f"{name} must lie in [0, {n_keys}] (the sequence length), "
+                             f"got values in [{lo}, {hi}]")
+    return lens.contiguous()
+
+
+def dropout_seed(dropout_p: float) -> Optional[torch.Tensor]:
+    """A fresh seed for a fused dropout kernel, drawn from torch's CPU generator (so
+    ``torch.manual_seed`` makes runs reproducible), or None when no dropout applies."""
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+def _impl(op: str, t: torch.Tensor):
+    return backends.resolve(op, t.device.type, t.dtype)
+
+
+# ----------------------------------------------------------------------------- ops
+def masked_softmax(X: torch.Tensor, valid_lens=None) -> torch.Tensor:
+    """Softmax over the last axis of ``X[N, Lq, Lk]``; keys at or past the valid length get
+    probability 0; a valid length of 0 gives a uniform row (d2l semantics, never NaN).
+    Never mutates ``X``."""
+    _check_tensor("X", X, ndim=3)
+    vl = normalize_valid_lens(valid_lens, X.shape[0], X.shape[1], X.shape[2], X.device)
+    return _impl("masked_softmax", X)(X, vl)
+
+
+def attention(q, k, v, valid_lens=None, dropout_p: float = 0.0, scale: Optional[float] = None):
+    """``softmax(q k^T * scale, masked) v`` for ``q[N, Lq, D]``, ``k[N, Lk, D]``,
+    ``v[N, Lk, Dv]``; ``scale`` defaults to ``1/sqrt(D)``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, ndim=3)
+    _check_same_device(q=q, k=k, v=v)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    N, Lq, D = q.shape
+    if k.shape[0] != N or v.shape[0] != N or k.shape[2] != D or v.shape[1] != k.shape[1]:
+        raise ValueError(f"attention shapes do not agree: q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    vl = normalize_valid_lens(valid_lens, N, Lq, k.shape[1], q.device)
+    return _impl("attention", q)(q, k, v, vl, _check_dropout(dropout_p), scale)
+
+
+def pack(X: torch.Tensor, valid_lens) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Keep the first ``valid_lens[b]`` positions of each sequence of ``X[B, L, ...]``:
+    returns ``(packed[T, ...], cu_seqlens[B+1] int32, max_len)``."""
+    _check_tensor("X", X, ndim=None, dtypes=None)
+    if X.dim() < 2:
+        raise ValueError(f"X must be [B, L, ...], got shape {tuple(X.shape)}")
+    vl = normalize_valid_lens(valid_lens, X.shape[0], None, X.shape[1], X.device)
+    if vl is None:
+        raise ValueError("pack needs valid_lens (a [B] tensor), got None")
+    return _impl("pack", X)(X, vl)
+
+
+def _check_cu_seqlens(cu_seqlens, device) -> None:
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 \
+            or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise TypeError("cu_seqlens must be a 1-D int32 tensor of B+1 offsets")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the data is on {device}")
+
+
+def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, L: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``[B, L, ...]`` with zeros at pad positions."""
+    _check_tensor("packed", packed, ndim=None, dtypes=None)
+    _check_cu_seqlens(cu_seqlens, packed.device)
+    if not isinstance(L, int) or L < 0:
+        raise ValueError(f"L must be a non-negative int, got {L!r}")
+    return _impl("unpack", packed)(packed, cu_seqlens, L)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_len: int, dropout_p: float = 0.0,
+                     scale: Optional[float] = None, seed=None):
+    """Attention within each packed sequence of ``q, k, v[T, H, D]``; sequence b holds rows
+    ``cu_seqlens[b]:cu_seqlens[b+1]``.  A fused backward regenerates dropout from ``seed``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, ndim=3)
+    _check_same_device(q=q, k=k, v=v)
+    if not (q.shape == k.shape == v.shape) or not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share shape and dtype, got {tuple(q.shape)} "
+                         f"{tuple(k.shape)} {tuple(v.shape)}")
+    _check_cu_seqlens(cu_seqlens, q.device)
+    dropout_p = _check_dropout(dropout_p)
+    if dropout_p > 0 and seed is None:
+        seed = dropout_seed(dropout_p)
+    return _impl("varlen_attention", q)(q, k, v, cu_seqlens, int(max_len), dropout_p, scale, seed)
+
+
+def add_layernorm(x, y, weight, bias, eps: float = 1e-5, dropout_p: float = 0.0, seed=None):
+    """``layer_norm(dropout(y) + x)`` over the last axis (d2l's ``AddNorm(X, Y)``)."""
+    _check_tensor("x", x, ndim=None)
+    _check_tensor("y", y, ndim=None)
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+    C = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            _check_tensor(name, t, ndim=1)
+            if t.shape[0] != C:
+                raise ValueError(f"{name} must have shape ({C},), got {tuple(t.shape)}")
+    _check_same_device(x=x, y=y, weight=weight, bias=bias)
+    dropout_p = _check_dropout(dropout_p)
+    if dropout_p > 0 and seed is None:
+        seed = dropout_seed(dropout_p)
+    return _impl("add_layernorm", x)(x, y, weight, bias, float(eps), dropout_p, seed)
+
+
+def ffn(x, w1, b1, w2, b2, activation: str = "relu"):
+    """``dense2(act(dense1(x)))`` with ``nn.Linear`` weight layouts (``w1[F, C]``, ``w2[C2, F]``)."""
+    _check_tensor("x", x, ndim=None)
+    _check_tensor("w1", w1, ndim=2)
+    _check_tensor("w2", w2, ndim=2)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if w1.shape[1] != x.shape[-1] or w2.shape[1] != w1.shape[0]:
+        raise ValueError(f"ffn shapes do not agree: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, "
+                         f"w2 {tuple(w2.shape)}")
+    for name, b, n in (("b1", b1, w1.shape[0]), ("b2", b2, w2.shape[0])):
+        if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != (n,)):
+            raise ValueError(f"{name} must be None or a tensor of shape ({n},)")
+    _check_same_device(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
+    return _impl("ffn", x)(x, w1, b1, w2, b2, activation)
+
+
+def gather_positions(X: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``X[b, positions[b, p]]`` as ``[B, P, C]`` (the MLM gather); positions may repeat,
+    the backward scatter-adds."""
+    _check_tensor("X", X, ndim=3)
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 2 \
+            or positions.is_floating_point() or positions.dtype == torch.bool:
+        raise TypeError("pred_positions must be an integer tensor of shape [B, P]")
+    if positions.shape[0] != X.shape[0]:
+        raise ValueError(f"pred_positions has {positions.shape[0]} rows but X has batch "
+                         f"size {X.shape[0]}")
+    if positions.device != X.device:
+        raise ValueError(f"pred_positions is on {positions.device} but X is on {X.device}")
+    if not _compiling() and positions.numel() and positions.device.type != "meta":
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= X.shape[1]:
+            raise ValueError(f"pred_positions must lie in [0, {X.shape[1] - 1}], got values "
+                             f"in [{lo}, {hi}]")
+    return _impl("gather_positions", X)(X, positions)

@@ -1,0 +1,95 @@
+"""Shared helpers for the op tests: which fast backends to test, how to run an op on one of
+them (and prove it did not fall back to the reference), and the tolerance rule.
+
+Tolerance rule (the house standard): compare with a float64 reference; a low-precision
+kernel's error may be at most ``2x`` what PyTorch itself makes in that dtype (the reference
+path run in that dtype, vs float64), plus a small atol.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+import fastbert
+from fastbert import backends
+
+FAST_BACKENDS = ("cpp", "triton")
+# CI sets FASTBERT_REQUIRE_BACKENDS=cpp,triton: there a missing backend fails, never skips.
+REQUIRED = {b for b in os.environ.get("FASTBERT_REQUIRE_BACKENDS", "").split(",") if b}
+
+ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
+
+
+def device_for(backend: str) -> torch.device:
+    """CUDA when there is one (and the backend serves it), else CPU (Triton: interpreter)."""
+    if torch.cuda.is_available() and backend == "triton":
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def dtypes_for(backend: str):
+    if backend == "triton" and not torch.cuda.is_available():
+        return (torch.float32, torch.bfloat16, torch.float16)
+    if backend == "triton" or device_for(backend).type == "cuda":
+        return (torch.float32, torch.bfloat16, torch.float16)
+    return (torch.float32, torch.bfloat16)
+
+
+def require(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Skip (or, for a required backend, fail) when ``backend`` cannot run ``op`` here."""
+    why_not = backends._load(backend).supports(op, device.type, dtype)
+    if why_not is None:
+        return
+    if backend in REQUIRED:
+        pytest.fail(f"required backend cannot run this: {why_not}")
+    pytest.skip(why_not)
+
+
+@contextlib.contextmanager
+def on_backend(backend: str, op: str, device: torch.device, dtype: torch.dtype):
+    """Run a block on ``backend`` after checking it really serves ``op`` (no silent fallback)."""
+    require(backend, op, device, dtype)
+    with fastbert.use_backend(backend):
+        assert backends.resolve_name(op, device.type, dtype) == backend
+        yield
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill with NaN (ints: a large sentinel) so an element a kernel forgets to write fails."""
+    return t.fill_(float("nan") if t.is_floating_point() else 2**30)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close(out: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.Tensor | None = None,
+                 factor: float = 2.0, atol: float | None = None, name: str = "output") -> None:
+    """``out`` (a kernel's result) against ``ref64`` (the float64 reference).  For a
+    low-precision ``out``, ``torch_lowp`` is the reference run in that dtype by PyTorch: the
+    kernel may err at most ``factor`` times as much, plus ``atol``."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert not torch.isnan(out).any(), f"{name}: NaN in output (unwritten element?)"
+    atol = ATOL[out.dtype] if atol is None else atol
+    budget = atol + (factor * max_err(torch_lowp, ref64) if torch_lowp is not None else 0.0)
+    err = max_err(out, ref64)
+    assert err <= budget, f"{name}: max error {err:.3g} > budget {budget:.3g} ({out.dtype})"
+
+
+def valid_lens_cases(n: int, n_queries: int, n_keys: int, generator=None):
+    """(id, valid_lens) pairs: None, 1-D with 0, 1 and full, 1-D float (as the book stores
+    them), 2-D per query."""
+    g = generator
+    one_d = torch.randint(0, n_keys + 1, (n,), generator=g)
+    one_d[0] = 0
+    if n > 1:
+        one_d[1] = 1
+    if n > 2:
+        one_d[2] = n_keys
+    two_d = torch.randint(0, n_keys + 1, (n, n_queries), generator=g)
+    two_d[0, 0] = 0
+    two_d[-1, -1] = n_keys
+    return [("none", None), ("1d", one_d), ("1d_float", one_d.float()), ("2d", two_d)]
