@@ -1,0 +1,30 @@
+"""The ``cpp`` backend: the C++ extension ``fastbert._C`` (CPU kernels; CUDA where built).
+
+Each op's Python glue (fake kernel, autograd, the backend function with the reference
+signature) lives in its own module in this package and exports ``OPS = {op name: function}``;
+this file loads the extension, imports every glue module, and registers what they export.
+A glue module whose kernels are missing from the built extension is skipped (that op falls
+back to the reference), so a partial build never breaks the package.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import torch
+
+from .. import Backend, register_backend
+
+import fastbert._C  # noqa: F401  (raises ImportError when the extension was not built)
+
+OPS: dict = {}
+SKIPPED: dict = {}  # glue module -> why it was skipped
+for _info in pkgutil.iter_modules(__path__):
+    try:
+        OPS.update(importlib.import_module(f"{__name__}.{_info.name}").OPS)
+    except (ImportError, AttributeError, RuntimeError) as _exc:
+        SKIPPED[_info.name] = f"{type(_exc).__name__}: {_exc}"
+
+_devices = {"cpu"} | ({"cuda"} if getattr(torch.ops.fastbert, "_cuda_built", None) else set())
+register_backend(Backend("cpp", OPS, device_types=frozenset(_devices),
+                         dtypes=frozenset({torch.float32, torch.bfloat16})))
