@@ -18,7 +18,7 @@ from . import backends
 
 __all__ = [
     "masked_softmax", "attention", "pack", "unpack", "varlen_attention", "add_layernorm",
-    "ffn", "gather_positions", "dropout_seed", "normalize_valid_lens", "FLOAT_DTYPES",
+    "ffn", "gather_positions", "mlm_loss", "dropout_seed", "normalize_valid_lens", "FLOAT_DTYPES",
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -227,3 +227,90 @@ def gather_positions(X: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"pred_positions must lie in [0, {X.shape[1] - 1}], got values "
                              f"in [{lo}, {hi}]")
     return _impl("gather_positions", X)(X, positions)
+
+
+def _check_index(name: str, t, shape, device) -> None:
+    if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() \
+            or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of shape {shape}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but X is on {device}")
+
+
+def mlm_loss(X, pred_positions, mlm_weights, labels, w1, b1, ln_weight, ln_bias, w2, b2,
+             eps: float = 1e-5) -> torch.Tensor:
+    """The masked-LM head and its loss in one op, on the real prediction slots only.
+
+    ``X[B, L, C]`` is the encoder output; ``pred_positions``, ``mlm_weights`` and ``labels``
+    are ``[B, P]`` (the book's ``pred_positions_X``, ``mlm_weights_X``, ``mlm_Y``).  A slot is
+    real when its weight is > 0 (the book pads with weight 0).  For each real slot ``i`` (row
+    ``b``, slot ``p``), with d2l's ``MaskLM.mlp`` = Linear(C, C') - ReLU - LayerNorm(C', eps)
+    - Linear(C', V) given by ``w1[C', C], b1[C'], ln_weight[C'], ln_bias[C'], w2[V, C'],
+    b2[V]``::
+
+        h_i  = LayerNorm(relu(X[b, pred_positions[b, p]] @ w1.T + b1)) * ln_weight + ln_bias
+        CE_i = logsumexp(h_i @ w2.T + b2) - (h_i @ w2[labels[b, p]] + b2[labels[b, p]])
+
+    Returns the weighted mean ``sum_i w_i CE_i / sum_i w_i`` over the real slots as a 0-d
+    tensor (float32; float64 for float64 inputs), or 0 when no slot is real.  Padding slots
+    cost nothing and get no gradient; fast backends never build the ``[slots, V]`` logits
+    (vocab chunks, online logsumexp in float32).  Differentiable in ``X`` and every head
+    parameter.  Floating inputs share one dtype; under autocast they are cast to the
+    autocast dtype first (as ``nn.Linear`` would be).  Labels of padding slots are ignored.
+    """
+    _check_tensor("X", X, ndim=3)
+    device = X.device
+    autocasting = device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+    if autocasting and X.dtype != torch.float64:
+        lowp = torch.get_autocast_dtype(device.type)
+        X, w1, b1, ln_weight, ln_bias, w2, b2 = (
+            t.to(lowp) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in (X, w1, b1, ln_weight, ln_bias, w2, b2))
+    B, L, C = X.shape
+    if not isinstance(pred_positions, torch.Tensor) or pred_positions.dim() != 2:
+        raise ValueError("pred_positions must be an integer tensor of shape [B, P]")
+    P = pred_positions.shape[1]
+    _check_index("pred_positions", pred_positions, (B, P), device)
+    _check_index("labels", labels, (B, P), device)
+    _check_tensor("mlm_weights", mlm_weights, ndim=2)
+    if tuple(mlm_weights.shape) != (B, P):
+        raise ValueError(f"mlm_weights must have shape {(B, P)}, got {tuple(mlm_weights.shape)}")
+    for name, t, ndim in (("w1", w1, 2), ("b1", b1, 1), ("ln_weight", ln_weight, 1),
+                          ("ln_bias", ln_bias, 1), ("w2", w2, 2), ("b2", b2, 1)):
+        _check_tensor(name, t, ndim=ndim)
+        if t.dtype != X.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but X has {X.dtype}: the head's "
+                            f"floating inputs must share a dtype")
+    _check_same_device(X=X, mlm_weights=mlm_weights, w1=w1, b1=b1, ln_weight=ln_weight,
+                       ln_bias=ln_bias, w2=w2, b2=b2)
+    H, V = w1.shape[0], w2.shape[0]
+    if w1.shape[1] != C or w2.shape[1] != H or b1.shape[0] != H or ln_weight.shape[0] != H \
+            or ln_bias.shape[0] != H or b2.shape[0] != V:
+        raise ValueError(f"MLM head shapes do not agree: X {tuple(X.shape)}, w1 "
+                         f"{tuple(w1.shape)}, b1 {tuple(b1.shape)}, ln_weight "
+                         f"{tuple(ln_weight.shape)}, ln_bias {tuple(ln_bias.shape)}, w2 "
+                         f"{tuple(w2.shape)}, b2 {tuple(b2.shape)}")
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    positions = pred_positions.long().contiguous()
+    labels = labels.long().contiguous()
+    weights = mlm_weights.to(torch.float64 if X.dtype == torch.float64 else torch.float32)
+    weights = weights.contiguous()
+    if not _compiling() and weights.numel() and device.type != "meta":
+        if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
+            raise ValueError("mlm_weights must be finite and >= 0 (0 marks a padding slot)")
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= L:
+            raise ValueError(f"pred_positions must lie in [0, {L - 1}], got values in "
+                             f"[{lo}, {hi}]")
+        real_labels = labels[weights > 0]
+        if real_labels.numel() and (int(real_labels.min()) < 0 or int(real_labels.max()) >= V):
+            raise ValueError(f"labels of real slots must lie in [0, {V - 1}] (the vocab), got "
+                             f"values in [{int(real_labels.min())}, {int(real_labels.max())}]")
+    args = (X, positions, weights, labels, w1, b1, ln_weight, ln_bias, w2, b2, float(eps))
+    if autocasting:  # the inputs are cast already; the kernels pick their own precision
+        with torch.autocast(device.type, enabled=False):
+            return _impl("mlm_loss", X)(*args)
+    return _impl("mlm_loss", X)(*args)

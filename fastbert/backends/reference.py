@@ -109,6 +109,35 @@ def gather_positions(X: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return X[batch_idx, positions.long()]
 
 
+def mlm_head(H: torch.Tensor, w1, b1, ln_weight, ln_bias, eps: float) -> torch.Tensor:
+    """d2l's MaskLM.mlp without its output layer: LayerNorm(relu(Linear(H)))."""
+    return F.layer_norm(F.relu(F.linear(H, w1, b1)), (w1.shape[0],), ln_weight, ln_bias, eps)
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum(w * v) / sum(w)``, 0 (with zero gradients) when the weights sum to 0."""
+    total = weights.sum()
+    return (values * weights).sum() / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def mlm_loss(X, positions, weights, labels, w1, b1, ln_weight, ln_bias, w2, b2, eps: float):
+    """Unfused MLM head + loss on the real slots (weight > 0): gather them, run the head,
+    build their full logits, cross-entropy in float32 (float64 for float64 inputs)."""
+    acc = torch.float64 if X.dtype == torch.float64 else torch.float32
+    if torch.compiler.is_compiling():
+        # The same sum without data-dependent shapes: every slot, padding weighted 0.
+        H = mlm_head(gather_positions(X, positions), w1, b1, ln_weight, ln_bias, eps)
+        logits = F.linear(H, w2, b2).to(acc).flatten(0, 1)
+        ce = F.cross_entropy(logits, labels.flatten().clamp(0, w2.shape[0] - 1),
+                             reduction="none")
+        return weighted_mean(ce, weights.flatten().to(acc))
+    rows, slots = (weights > 0).nonzero(as_tuple=True)
+    H = mlm_head(X[rows, positions[rows, slots]], w1, b1, ln_weight, ln_bias, eps)
+    logits = F.linear(H, w2, b2).to(acc)
+    ce = F.cross_entropy(logits, labels[rows, slots], reduction="none")
+    return weighted_mean(ce, weights[rows, slots].to(acc))
+
+
 OPS = {
     "masked_softmax": masked_softmax,
     "attention": attention,
@@ -118,6 +147,7 @@ OPS = {
     "add_layernorm": add_layernorm,
     "ffn": ffn,
     "gather_positions": gather_positions,
+    "mlm_loss": mlm_loss,
 }
 
 register_backend(Backend(
