@@ -1,0 +1,330 @@
+"""Flash attention (online softmax, recompute in the backward) as Triton kernels, for packed
+variable-length sequences; the padded ``attention`` op (kernels/attention.py) reuses the same
+kernels with VARLEN=False.
+
+Reference: fastbert.backends.reference.varlen_attention (and .attention):
+  out_i = sum_j dropout(softmax_j(q_i . k_j * scale, masked))_j v_j
+over the keys of q_i's own sequence.
+
+Layouts.  Every tensor is viewed as rows of heads: q, k [rows, H, D], v, out [rows, H, DV].
+  varlen: rows are the packed tokens; sequence b owns rows cu_seqlens[b]:cu_seqlens[b+1] of
+          q, k and v alike (grid axis 1 = b).
+  padded: H = 1 and rows are the flattened [N, L]; batch z owns rows z*Lq.. of q and z*Lk.. of
+          k, v.  Each query row sees keys j < its valid length (valid_lens None / [N] / [N, Lq]);
+          a valid length of 0 is d2l's uniform row over all Lk keys (every score the same fill),
+          whose scores get no gradient.
+Head sizes that are not powers of two (48, 96) are padded to D_PAD with masked loads; lengths
+need not be multiples of the blocks.  LSE (log-sum-exp of each row's scaled scores, fp32
+[H, rows_q]) is the only thing saved besides the inputs and the output.
+
+Dropout: element (h, query row r, key row c) is kept iff philox(seed, (h*TQ + r)*TK + c) >= p
+(kernels/dropout.py; TQ, TK = total q and k rows), so the backward regenerates the mask and
+:func:`dropout_keep_mask` can hand tests the same mask.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import INTERPRETER, dot_precision, mma, next_pow2, seed_value
+from .dropout import dropout_keep, keep_mask
+
+
+@triton.jit
+def _seq_bounds(CU, z, Lq, Lk, VARLEN: tl.constexpr):
+    """(first q row, first k row, q length, k length) of sequence ``z``."""
+    if VARLEN:
+        row0 = tl.load(CU + z)
+        n = tl.load(CU + z + 1) - row0
+        return row0, row0, n, n
+    else:
+        return z * Lq, z * Lk, Lq, Lk
+
+
+@triton.jit
+def _key_limits(VL, z, offs_m, m_ok, Lq, seqlen_k, VL_MODE: tl.constexpr):
+    """Per query row: how many keys it sees, and whether it is a d2l valid_len-0 row."""
+    if VL_MODE == 0:
+        lim = tl.zeros_like(offs_m) + seqlen_k
+    elif VL_MODE == 1:
+        lim = tl.zeros_like(offs_m) + tl.load(VL + z)
+    else:
+        lim = tl.load(VL + z * Lq + offs_m, mask=m_ok, other=1)
+    empty = lim == 0
+    return tl.where(empty, seqlen_k, lim), empty
+
+
+@triton.jit
+def _key_loop_end(VL, z, seqlen_k, VL_MODE: tl.constexpr):
+    """How far the key loop must run (a scalar: per-row lengths [N, Lq] run to Lk)."""
+    if VL_MODE == 1:
+        n = tl.load(VL + z)
+        return tl.where(n == 0, seqlen_k, n)
+    else:
+        return seqlen_k
+
+
+@triton.jit
+def _scores(q, k, offs_n, lim, empty, scale, PREC: tl.constexpr):
+    s = mma(q, tl.trans(k), PREC) * scale
+    s = tl.where(empty[:, None], 0.0, s)  # valid_len 0: one fill for every key -> uniform
+    return tl.where(offs_n[None, :] < lim[:, None], s, float("-inf"))
+
+
+@triton.jit
+def _flash_fwd_kernel(Q, K, V, O, LSE, CU, VL, seed, dropout_p, scale, H, Lq, Lk, TQ, TK,
+                      D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr,
+                      DV_PAD: tl.constexpr, VARLEN: tl.constexpr, VL_MODE: tl.constexpr,
+                      DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, z, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_row0, k_row0, seqlen_q, seqlen_k = _seq_bounds(CU, z, Lq, Lk, VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m < seqlen_q:
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D_PAD)
+        offs_dv = tl.arange(0, DV_PAD)
+        m_ok = offs_m < seqlen_q
+        rows_q = (q_row0 + offs_m).to(tl.int64)
+        q = tl.load(Q + (rows_q * H + h)[:, None] * D + offs_d[None, :],
+                    mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        lim, empty = _key_limits(VL, z, offs_m, m_ok, Lq, seqlen_k, VL_MODE)
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, DV_PAD), tl.float32)
+        n_end = _key_loop_end(VL, z, seqlen_k, VL_MODE)
+        start_n = 0
+        while start_n < n_end:  # a while loop: the interpreter cannot range() a loaded bound
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < seqlen_k
+            rows_k = (k_row0 + offs_n).to(tl.int64)
+            k = tl.load(K + (rows_k * H + h)[:, None] * D + offs_d[None, :],
+                        mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            s = _scores(q, k, offs_n, lim, empty, scale, PREC)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)  # the softmax denominator ignores dropout
+            if DROPOUT:
+                offs = (h * TQ + rows_q)[:, None] * TK + rows_k[None, :]
+                p = tl.where(dropout_keep(seed, offs, dropout_p), p / (1.0 - dropout_p), 0.0)
+            v = tl.load(V + (rows_k * H + h)[:, None] * DV + offs_dv[None, :],
+                        mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, PREC)
+            m_i = m_new
+            start_n += BLOCK_N
+        out = acc / l_i[:, None]
+        tl.store(O + (rows_q * H + h)[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty),
+                 mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+        tl.store(LSE + h * TQ + rows_q, m_i + tl.log(l_i), mask=m_ok)
+
+
+@triton.jit
+def _flash_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, CU, VL, seed, dropout_p, scale, H,
+                         Lq, Lk, TQ, TK, D: tl.constexpr, DV: tl.constexpr,
+                         D_PAD: tl.constexpr, DV_PAD: tl.constexpr, VARLEN: tl.constexpr,
+                         VL_MODE: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ for one query block; also stores DELTA = rowsum(dO * O) for the dK/dV kernel."""
+    pid_m, z, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_row0, k_row0, seqlen_q, seqlen_k = _seq_bounds(CU, z, Lq, Lk, VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m < seqlen_q:
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D_PAD)
+        offs_dv = tl.arange(0, DV_PAD)
+        m_ok = offs_m < seqlen_q
+        rows_q = (q_row0 + offs_m).to(tl.int64)
+        q_mask = m_ok[:, None] & (offs_d[None, :] < D)
+        o_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
+        q = tl.load(Q + (rows_q * H + h)[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
+        o_offs = (rows_q * H + h)[:, None] * DV + offs_dv[None, :]
+        do = tl.load(DO + o_offs, mask=o_mask, other=0.0)
+        o = tl.load(O + o_offs, mask=o_mask, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        tl.store(DELTA + h * TQ + rows_q, delta, mask=m_ok)
+        lse = tl.load(LSE + h * TQ + rows_q, mask=m_ok, other=0.0)
+        lim, empty = _key_limits(VL, z, offs_m, m_ok, Lq, seqlen_k, VL_MODE)
+        dq = tl.zeros((BLOCK_M, D_PAD), tl.float32)
+        n_end = _key_loop_end(VL, z, seqlen_k, VL_MODE)
+        start_n = 0
+        while start_n < n_end:  # a while loop: the interpreter cannot range() a loaded bound
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < seqlen_k
+            rows_k = (k_row0 + offs_n).to(tl.int64)
+            k = tl.load(K + (rows_k * H + h)[:, None] * D + offs_d[None, :],
+                        mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            v = tl.load(V + (rows_k * H + h)[:, None] * DV + offs_dv[None, :],
+                        mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            p = tl.exp(_scores(q, k, offs_n, lim, empty, scale, PREC) - lse[:, None])
+            dp = mma(do, tl.trans(v), PREC)
+            if DROPOUT:
+                offs = (h * TQ + rows_q)[:, None] * TK + rows_k[None, :]
+                dp = tl.where(dropout_keep(seed, offs, dropout_p), dp / (1.0 - dropout_p), 0.0)
+            ds = tl.where(empty[:, None] | ~m_ok[:, None], 0.0, p * (dp - delta[:, None]))
+            dq += mma(ds.to(k.dtype), k, PREC)
+            start_n += BLOCK_N
+        tl.store(DQ + (rows_q * H + h)[:, None] * D + offs_d[None, :],
+                 (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, CU, VL, seed, dropout_p, scale,
+                           H, Lq, Lk, TQ, TK, D: tl.constexpr, DV: tl.constexpr,
+                           D_PAD: tl.constexpr, DV_PAD: tl.constexpr, VARLEN: tl.constexpr,
+                           VL_MODE: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV for one key block (loops over the query blocks: no atomics, deterministic)."""
+    pid_n, z, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_row0, k_row0, seqlen_q, seqlen_k = _seq_bounds(CU, z, Lq, Lk, VARLEN)
+    start_n = pid_n * BLOCK_N
+    if start_n < seqlen_k:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D_PAD)
+        offs_dv = tl.arange(0, DV_PAD)
+        n_ok = offs_n < seqlen_k
+        rows_k = (k_row0 + offs_n).to(tl.int64)
+        k_mask = n_ok[:, None] & (offs_d[None, :] < D)
+        v_mask = n_ok[:, None] & (offs_dv[None, :] < DV)
+        k = tl.load(K + (rows_k * H + h)[:, None] * D + offs_d[None, :], mask=k_mask, other=0.0)
+        v = tl.load(V + (rows_k * H + h)[:, None] * DV + offs_dv[None, :], mask=v_mask,
+                    other=0.0)
+        dk = tl.zeros((BLOCK_N, D_PAD), tl.float32)
+        dv = tl.zeros((BLOCK_N, DV_PAD), tl.float32)
+        start_m = 0
+        while start_m < seqlen_q:
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < seqlen_q
+            rows_q = (q_row0 + offs_m).to(tl.int64)
+            q = tl.load(Q + (rows_q * H + h)[:, None] * D + offs_d[None, :],
+                        mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            do = tl.load(DO + (rows_q * H + h)[:, None] * DV + offs_dv[None, :],
+                         mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            lse = tl.load(LSE + h * TQ + rows_q, mask=m_ok, other=0.0)
+            delta = tl.load(DELTA + h * TQ + rows_q, mask=m_ok, other=0.0)
+            lim, empty = _key_limits(VL, z, offs_m, m_ok, Lq, seqlen_k, VL_MODE)
+            p = tl.exp(_scores(q, k, offs_n, lim, empty, scale, PREC) - lse[:, None])
+            p = tl.where(m_ok[:, None], p, 0.0)
+            dp = mma(do, tl.trans(v), PREC)
+            if DROPOUT:
+                offs = (h * TQ + rows_q)[:, None] * TK + rows_k[None, :]
+                keep = dropout_keep(seed, offs, dropout_p)
+                p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            else:
+                p_drop = p
+            dv += mma(tl.trans(p_drop.to(do.dtype)), do, PREC)
+            ds = tl.where(empty[:, None], 0.0, p * (dp - delta[:, None]))
+            dk += mma(tl.trans(ds.to(q.dtype)), q, PREC)
+            start_m += BLOCK_M
+        tl.store(DK + (rows_k * H + h)[:, None] * D + offs_d[None, :],
+                 (dk * scale).to(DK.dtype.element_ty), mask=k_mask)
+        tl.store(DV_OUT + (rows_k * H + h)[:, None] * DV + offs_dv[None, :],
+                 dv.to(DV_OUT.dtype.element_ty), mask=v_mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _blocks(max_q: int, max_k: int, d_pad: int):
+    """(BLOCK_M, BLOCK_N): at least 16 (tl.dot's minimum), at most 64; on a GPU, 32 for big
+    heads so the backward's tiles fit in shared memory."""
+    cap = 64 if (INTERPRETER or d_pad <= 64) else 32
+    return min(cap, next_pow2(max_q, 16)), min(cap, next_pow2(max_k, 16))
+
+
+class Problem:
+    """Everything the three kernels share about one attention call."""
+
+    def __init__(self, q, k, v, *, varlen: bool, H: int, n_seqs: int, Lq: int, Lk: int,
+                 max_q: int, max_k: int, cu_seqlens=None, valid_lens=None,
+                 dropout_p: float = 0.0, scale: Optional[float] = None, seed=None):
+        self.q, self.k, self.v = q.contiguous(), k.contiguous(), v.contiguous()
+        self.D, self.DV = q.shape[-1], v.shape[-1]
+        self.H, self.n_seqs, self.Lq, self.Lk = H, n_seqs, Lq, Lk
+        self.TQ, self.TK = q.shape[0] * (1 if varlen else Lq), k.shape[0] * (1 if varlen else Lk)
+        self.varlen = varlen
+        self.cu = cu_seqlens.contiguous() if cu_seqlens is not None else self.q
+        self.vl = valid_lens.contiguous() if valid_lens is not None else self.q
+        self.vl_mode = 0 if (varlen or valid_lens is None) else valid_lens.dim()
+        self.dropout_p = float(dropout_p)
+        self.dropout = self.dropout_p > 0.0
+        self.seed = seed_value(seed) if self.dropout else 0
+        self.scale = float(1.0 / math.sqrt(self.D) if scale is None else scale)
+        self.d_pad, self.dv_pad = next_pow2(self.D, 16), next_pow2(self.DV, 16)
+        self.block_m, self.block_n = _blocks(max_q, max_k, max(self.d_pad, self.dv_pad))
+        self.max_q, self.max_k = max_q, max_k
+
+    def meta(self):
+        return dict(D=self.D, DV=self.DV, D_PAD=self.d_pad, DV_PAD=self.dv_pad,
+                    VARLEN=self.varlen, VL_MODE=self.vl_mode, DROPOUT=self.dropout,
+                    PREC=dot_precision(self.q.dtype), BLOCK_M=self.block_m, BLOCK_N=self.block_n)
+
+    def scalars(self):
+        return (self.cu, self.vl, self.seed, self.dropout_p, self.scale, self.H, self.Lq,
+                self.Lk, self.TQ, self.TK)
+
+    def forward(self):
+        out = torch.empty(self.q.shape[:-1] + (self.DV,), dtype=self.q.dtype, device=self.q.device)
+        lse = torch.empty((self.H, self.TQ), dtype=torch.float32, device=self.q.device)
+        if out.numel() and self.max_q > 0 and self.max_k > 0:
+            grid = (triton.cdiv(self.max_q, self.block_m), self.n_seqs, self.H)
+            _flash_fwd_kernel[grid](self.q, self.k, self.v, out, lse, *self.scalars(),
+                                    **self.meta())
+        elif out.numel():
+            out.zero_()
+        return out, lse
+
+    def backward(self, out, lse, dout):
+        dq, dk, dv = (torch.empty_like(t) for t in (self.q, self.k, self.v))
+        if self.max_q <= 0 or self.max_k <= 0:
+            return dq.zero_(), dk.zero_(), dv.zero_()
+        out, dout = out.contiguous(), dout.contiguous()
+        delta = torch.empty_like(lse)
+        grid_q = (triton.cdiv(self.max_q, self.block_m), self.n_seqs, self.H)
+        _flash_bwd_dq_kernel[grid_q](self.q, self.k, self.v, out, dout, lse, delta, dq,
+                                     *self.scalars(), **self.meta())
+        grid_k = (triton.cdiv(self.max_k, self.block_n), self.n_seqs, self.H)
+        _flash_bwd_dkdv_kernel[grid_k](self.q, self.k, self.v, dout, lse, delta, dk, dv,
+                                       *self.scalars(), **self.meta())
+        return dq, dk, dv
+
+
+def _varlen_problem(q, k, v, cu_seqlens, max_len, dropout_p, scale, seed) -> Problem:
+    T, H, _ = q.shape
+    return Problem(q, k, v, varlen=True, H=H, n_seqs=cu_seqlens.shape[0] - 1, Lq=0, Lk=0,
+                   max_q=max_len, max_k=max_len, cu_seqlens=cu_seqlens, dropout_p=dropout_p,
+                   scale=scale, seed=seed)
+
+
+def forward(q, k, v, cu_seqlens, max_len: int, dropout_p: float = 0.0,
+            scale: Optional[float] = None, seed=None):
+    """(out[T, H, D], lse[H, T] fp32).  ``max_len`` must bound every sequence's length (the
+    grid covers max_len queries per sequence; an upper bound such as the padded L is fine)."""
+    return _varlen_problem(q, k, v, cu_seqlens, max_len, dropout_p, scale, seed).forward()
+
+
+def backward(q, k, v, out, lse, dout, cu_seqlens, max_len: int, dropout_p: float = 0.0,
+             scale: Optional[float] = None, seed=None):
+    """(dq, dk, dv) for :func:`forward`, the dropout mask regenerated from ``seed``."""
+    problem = _varlen_problem(q, k, v, cu_seqlens, max_len, dropout_p, scale, seed)
+    return problem.backward(out, lse, dout)
+
+
+def dropout_keep_mask(cu_seqlens: torch.Tensor, H: int, L: int, dropout_p: float, seed):
+    """The keep mask the kernels draw, as bool ``[B*H, L, L]`` in the layout of the padded
+    reference (query i, key j of sequence b, head h; entries past a sequence are False)."""
+    cu = cu_seqlens.long()
+    B = cu.shape[0] - 1
+    T = int(cu[-1])
+    pos = torch.arange(L, device=cu.device)
+    rows = cu[:-1, None] + pos[None, :]                                  # [B, L] token rows
+    inside = pos[None, :] < (cu[1:] - cu[:-1])[:, None]
+    h = torch.arange(H, device=cu.device)
+    offs = ((h[None, :, None, None] * T + rows[:, None, :, None]) * T
+            + rows[:, None, None, :])                                    # [B, H, L, L]
+    keep = keep_mask(seed, offs, dropout_p)
+    keep &= inside[:, None, :, None] & inside[:, None, None, :]
+    return keep.reshape(B * H, L, L)
