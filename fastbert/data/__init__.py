@@ -1,0 +1,18 @@
+"""Data for the book's BERT chapters: vocabulary, SNLI fine-tuning data, WikiText-2
+pretraining data, and length-aware batching."""
+from .batching import GlobalBatchSampler, trim_collate
+from .paths import default_data_dir
+from .snli import (LABELS, SNLIBERTDataset, find_snli_file, load_snli_split, read_snli,
+                   read_snli_official, read_snli_tsv, snli_vocab, truncated_pair_lengths)
+from .vocab import Vocab, count_corpus, tokenize
+from .wiki import (BERT_RESERVED_TOKENS, WikiTextDataset, find_wiki_file,
+                   get_mlm_data_from_tokens, get_nsp_data_from_paragraph, load_data_wiki,
+                   pad_bert_inputs, read_wiki)
+
+__all__ = [
+    "Vocab", "tokenize", "count_corpus", "LABELS", "SNLIBERTDataset", "find_snli_file",
+    "load_snli_split", "read_snli", "read_snli_official", "read_snli_tsv", "snli_vocab",
+    "truncated_pair_lengths", "BERT_RESERVED_TOKENS", "WikiTextDataset", "find_wiki_file",
+    "get_mlm_data_from_tokens", "get_nsp_data_from_paragraph", "load_data_wiki",
+    "pad_bert_inputs", "read_wiki", "GlobalBatchSampler", "trim_collate", "default_data_dir",
+]

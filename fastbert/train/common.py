@@ -1,0 +1,238 @@
+"""What fine-tuning and pretraining share: options, devices, distributed setup (torchrun),
+AMP, seeding, exact checkpoints (model, optimizer, scaler, every RNG, position in the
+epoch), the JSON metrics log and the PNG curves."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+__all__ = ["RunConfig", "DistInfo", "setup_distributed", "cleanup_distributed",
+           "seed_everything", "autocast", "make_grad_scaler", "rng_state", "set_rng_state",
+           "save_checkpoint", "load_checkpoint", "MetricsLog", "progress", "Timer",
+           "resolve_device", "all_reduce_sum", "find_resume_checkpoint"]
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Options every command takes (see ``python -m fastbert <command> --help``)."""
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 1e-4
+    seed: int = 0
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    amp: str = "off"                   # off | bf16 | fp16
+    compile: bool = False
+    backend: Optional[str] = None      # fastbert.set_backend name (None: leave as is)
+    out_dir: Optional[str] = None      # checkpoints, metrics.json, curves.png
+    resume: Optional[str] = None       # a checkpoint path, or "auto": <out_dir>/checkpoint.pt
+    max_steps: Optional[int] = None    # stop (and checkpoint) after this many optimizer steps
+    bucket: bool = False               # length-aware batching
+    trim: bool = True                  # cut padding columns beyond a batch's longest example
+    progress: bool = True              # tqdm bar (rank 0)
+    num_workers: int = 0
+    verbose: bool = True
+
+
+@dataclasses.dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(device: str, dist: Optional[DistInfo] = None) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {device}: CUDA is not available on this machine")
+        if dev.index is None:
+            dev = torch.device("cuda", dist.local_rank if dist else 0)
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def setup_distributed(device: str) -> DistInfo:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1): gloo on the
+    CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    info = DistInfo(rank, world, local)
+    if not tdist.is_initialized():
+        dev = resolve_device(device, info)
+        tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        info.initialized_here = True
+    return info
+
+
+def cleanup_distributed(info: DistInfo) -> None:
+    if info.initialized_here and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor, dist: DistInfo) -> torch.Tensor:
+    if dist.enabled:
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "off":
+        return contextlib.nullcontext()
+    if amp == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError("--amp fp16 needs a CUDA device (fp16 on the CPU is slow and "
+                             "needs loss scaling); use --amp bf16 on the CPU")
+        return torch.autocast("cuda", dtype=torch.float16)
+    raise ValueError(f"--amp must be off, bf16 or fp16, got {amp!r}")
+
+
+def make_grad_scaler(device: torch.device, amp: str):
+    """A GradScaler for fp16 on CUDA, else None (bf16 needs no loss scaling)."""
+    if amp == "fp16" and device.type == "cuda":
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
+    """Write atomically (a crash never leaves a half-written checkpoint)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+
+
+def find_resume_checkpoint(cfg: RunConfig) -> Optional[str]:
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        if not cfg.out_dir:
+            raise ValueError("--resume without a path needs --out-dir")
+        return os.path.join(cfg.out_dir, "checkpoint.pt")
+    return cfg.resume
+
+
+def progress(iterable, enabled: bool, **kwargs):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, dynamic_ncols=True, leave=False, **kwargs)
+
+
+class Timer:
+    """Sums the wall time of the timed sections (d2l's Timer, for examples/sec)."""
+
+    def __init__(self):
+        self.total, self._start = 0.0, None
+
+    def start(self):
+        self._start = time.perf_counter()
+
+    def stop(self):
+        self.total += time.perf_counter() - self._start
+
+
+class MetricsLog:
+    """Per-step and per-epoch records, written as JSON and drawn as PNG curves (rank 0)."""
+
+    def __init__(self, out_dir: Optional[str], config: Dict[str, Any], enabled: bool = True):
+        self.out_dir, self.enabled = out_dir, enabled and out_dir is not None
+        self.data: Dict[str, Any] = {"config": config, "steps": [], "epochs": []}
+
+    @property
+    def steps(self) -> List[Dict[str, Any]]:
+        return self.data["steps"]
+
+    @property
+    def epochs(self) -> List[Dict[str, Any]]:
+        return self.data["epochs"]
+
+    def write(self, curves=()) -> None:
+        if not self.enabled:
+            return
+        os.makedirs(self.out_dir, exist_ok=True)
+        path = os.path.join(self.out_dir, "metrics.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(self.data, f, indent=1)
+        os.replace(path + ".tmp", path)
+        if curves:
+            self.plot(curves)
+
+    def plot(self, curves) -> None:
+        """``curves``: names of step/epoch fields; losses on the left, the rest (accuracies)
+        on the right, against the epoch (fractional for steps)."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for name in curves:
+            ax = axes[0] if "loss" in name else axes[1]
+            for kind, rows, style in (("step", self.steps, "-"), ("epoch", self.epochs, "o-")):
+                pts = [(r["epoch_float"], r[name]) for r in rows if r.get(name) is not None]
+                if pts:
+                    xs, ys = zip(*pts)
+                    alpha = 0.35 if kind == "step" and len(rows) > 1 else 1.0
+                    ax.plot(xs, ys, style, alpha=alpha, label=f"{name} ({kind})")
+        for ax, title in zip(axes, ("loss", "accuracy")):
+            ax.set_xlabel("epoch")
+            ax.set_title(title)
+            ax.grid(True, alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(self.out_dir, "curves.png"), dpi=100)
+        plt.close(fig)

@@ -1,0 +1,338 @@
+"""Fine-tuning BERT on SNLI, as the book's fine-tuning chapter does it (``BERTClassifier``,
+``CrossEntropyLoss(reduction='none')``, ``l.sum().backward()``, Adam lr 1e-4, the
+``train_ch13`` printout), plus what a training run needs: DDP under torchrun, AMP,
+torch.compile, length bucketing, exact checkpoints and resume, a JSON log and curves.
+
+Library use::
+
+    from fastbert.train import FinetuneConfig, finetune
+    result = finetune(FinetuneConfig(epochs=2, out_dir="runs/snli"))
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from .. import backends
+from ..bert import BERTClassifier, BERTModel
+from ..data.batching import GlobalBatchSampler, trim_collate
+from ..data.paths import default_data_dir
+from ..data.snli import SNLIBERTDataset, load_snli_split, snli_vocab
+from ..data.vocab import Vocab
+from ..hub import DATA_HUB, infer_bert_config, load_pretrained_model, resolve_pretrained_dir
+from .common import (MetricsLog, RunConfig, Timer, all_reduce_sum, autocast, cleanup_distributed,
+                     find_resume_checkpoint, load_checkpoint, make_grad_scaler, progress,
+                     resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state,
+                     setup_distributed)
+
+__all__ = ["FinetuneConfig", "finetune", "PairDataset", "build_finetune_model",
+           "prepare_snli_datasets", "evaluate_accuracy"]
+
+# The book's model sizes for its two pretrained models (load_pretrained_model arguments).
+BOOK_SIZES = {"bert.small": dict(num_hiddens=256, ffn_num_hiddens=512, num_heads=4,
+                                 num_layers=2, max_len=512),
+              "bert.base": dict(num_hiddens=768, ffn_num_hiddens=3072, num_heads=12,
+                                num_layers=12, max_len=512)}
+
+
+@dataclasses.dataclass
+class FinetuneConfig(RunConfig):
+    data_dir: Optional[str] = None        # default: FASTBERT_DATA or <repo>/../shared/data
+    train_split: str = "dev"              # the full SNLI train split needs the download
+    test_split: str = "test"
+    train_limit: Optional[int] = None     # use the first N examples (quick runs)
+    test_limit: Optional[int] = None
+    pretrained: Optional[str] = None      # bert.small | bert.base | book folder/zip | HF folder
+    max_len: int = 128                    # the book's max_len
+    num_hiddens: int = 256                # a fresh model: bert.small's shape
+    ffn_num_hiddens: int = 512
+    num_heads: int = 4
+    num_layers: int = 2
+    dropout: Optional[float] = None       # None: the book's (0.1 fresh, 0.2 pretrained)
+    min_freq: int = 1                     # vocabulary of a fresh model
+    eval_batch_size: Optional[int] = None
+    num_classes: int = 3
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 1e-4
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Encoded pairs ``((tokens, segments, valid_len), label)`` (e.g. from a WordPiece
+    tokenizer), with ``lengths`` for bucketing."""
+
+    def __init__(self, tokens, segments, valid_lens, labels):
+        self.all_token_ids, self.all_segments = tokens, segments
+        self.valid_lens, self.labels = valid_lens, torch.as_tensor(labels, dtype=torch.long)
+        self.lengths = valid_lens.numpy()
+
+    def __getitem__(self, idx):
+        return (self.all_token_ids[idx], self.all_segments[idx],
+                self.valid_lens[idx]), self.labels[idx]
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def _hf():
+    try:
+        from .. import hf
+    except ImportError:
+        return None
+    if hasattr(hf, "is_hf_checkpoint") and hasattr(hf, "load_hf_bert"):
+        return hf
+    return None
+
+
+def build_finetune_model(cfg: FinetuneConfig, train_data=None):
+    """``(BERTModel, vocab, tokenizer)``: loaded from ``cfg.pretrained`` (book format:
+    vocab, no tokenizer; Hugging Face folder: tokenizer, no vocab) or fresh in the given
+    sizes with a vocabulary from the training text."""
+    p = cfg.pretrained
+    if p:
+        hf = _hf()
+        if hf is not None and os.path.isdir(p) and hf.is_hf_checkpoint(p):
+            overrides = {"max_len": cfg.max_len}
+            if cfg.dropout is not None:
+                overrides["dropout"] = cfg.dropout
+            bert, tokenizer = hf.load_hf_bert(p, **overrides)
+            return bert, None, tokenizer
+        if p in DATA_HUB:
+            sizes = dict(BOOK_SIZES[p]) if p in BOOK_SIZES else None
+        else:
+            folder = resolve_pretrained_dir(p)
+            state = torch.load(os.path.join(folder, "pretrained.params"), map_location="cpu",
+                               weights_only=True)
+            sizes = infer_bert_config(state)
+            sizes.pop("vocab_size")
+            p = folder
+        if sizes is None:
+            raise ValueError(f"{p} is not a pretrained BERT in DATA_HUB")
+        if cfg.max_len > sizes["max_len"]:
+            raise ValueError(f"--max-len {cfg.max_len} exceeds the pretrained model's "
+                             f"{sizes['max_len']} positions")
+        bert, vocab = load_pretrained_model(
+            p, sizes["num_hiddens"], sizes["ffn_num_hiddens"], sizes["num_heads"],
+            sizes["num_layers"], cfg.dropout if cfg.dropout is not None else 0.1,
+            sizes["max_len"], devices=(), book_dropout=cfg.dropout is None)
+        return bert, vocab, None
+    if train_data is None:
+        raise ValueError("a fresh model needs the training data for its vocabulary")
+    vocab = snli_vocab(train_data, min_freq=cfg.min_freq)
+    h = cfg.num_hiddens
+    if h % cfg.num_heads:
+        raise ValueError(f"num_hiddens ({h}) must be divisible by num_heads ({cfg.num_heads})")
+    bert = BERTModel(len(vocab), h, norm_shape=[h], ffn_num_input=h,
+                     ffn_num_hiddens=cfg.ffn_num_hiddens, num_heads=cfg.num_heads,
+                     num_layers=cfg.num_layers,
+                     dropout=0.1 if cfg.dropout is None else cfg.dropout,
+                     max_len=cfg.max_len, key_size=h, query_size=h, value_size=h,
+                     hid_in_features=h, mlm_in_features=h, nsp_in_features=h)
+    return bert, vocab, None
+
+
+def _limit(data, n):
+    return data if n is None else tuple(x[:n] for x in data)
+
+
+def prepare_snli_datasets(cfg: FinetuneConfig, vocab: Optional[Vocab], tokenizer, train_data,
+                          test_data, verbose: bool):
+    if tokenizer is not None:
+        def encode(d):
+            t, s, v = tokenizer.encode_pairs(d[0], d[1], max_len=cfg.max_len,
+                                             pad_to_max_len=True)
+            return PairDataset(t, s, v, d[2])
+        return encode(train_data), encode(test_data)
+    return (SNLIBERTDataset(train_data, cfg.max_len, vocab, verbose=verbose),
+            SNLIBERTDataset(test_data, cfg.max_len, vocab, verbose=verbose))
+
+
+def _loader(ds, sampler, cfg: FinetuneConfig):
+    collate = (functools.partial(trim_collate, nested=True) if cfg.trim
+               else torch.utils.data.default_collate)
+    # Its own generator: iterating never touches the global RNG (exact resume).
+    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
+                                       num_workers=cfg.num_workers,
+                                       generator=torch.Generator().manual_seed(0))
+
+
+def evaluate_accuracy(net, loader, device, amp: str = "off", dist=None) -> float:
+    """Accuracy over a (possibly sharded) loader (d2l's ``evaluate_accuracy_gpu``)."""
+    net.eval()
+    acc = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad(), autocast(device, amp):
+        for X, y in loader:
+            X = [x.to(device) for x in X]
+            y = y.to(device)
+            acc[0] += (net(X).argmax(dim=1) == y).sum().item()
+            acc[1] += y.numel()
+    if dist is not None:
+        all_reduce_sum(acc, dist)
+    return float(acc[0] / max(acc[1], 1))
+
+
+def finetune(cfg: Optional[FinetuneConfig] = None, **overrides) -> Dict[str, Any]:
+    """Fine-tune on SNLI; returns ``{"epochs": [...], "steps": [...], "test_acc": ...,
+    "examples_per_sec": ..., "model": classifier, "vocab": vocab}`` (every rank returns;
+    rank 0 logs and writes files)."""
+    cfg = dataclasses.replace(cfg or FinetuneConfig(), **overrides)
+    dist = setup_distributed(cfg.device)
+    try:
+        return _finetune(cfg, dist)
+    finally:
+        cleanup_distributed(dist)
+
+
+def _finetune(cfg: FinetuneConfig, dist) -> Dict[str, Any]:
+    device = resolve_device(cfg.device, dist)
+    if cfg.backend:
+        backends.set_backend(cfg.backend)
+    main = dist.is_main
+    say = print if (main and cfg.verbose) else (lambda *a, **k: None)
+    seed_everything(cfg.seed)
+    data_dir = cfg.data_dir or default_data_dir()
+    train_data = _limit(load_snli_split(data_dir, cfg.train_split), cfg.train_limit)
+    test_data = _limit(load_snli_split(data_dir, cfg.test_split), cfg.test_limit)
+    if not train_data[0]:
+        raise ValueError(f"the {cfg.train_split!r} split under {data_dir} has no examples")
+    bert, vocab, tokenizer = build_finetune_model(cfg, train_data)
+    train_set, test_set = prepare_snli_datasets(cfg, vocab, tokenizer, train_data, test_data,
+                                                verbose=main and cfg.verbose)
+    net = BERTClassifier(bert, num_classes=cfg.num_classes)
+    if not bert.encoder.train_pos_embedding:
+        # d2l 0.17 never trains it (pos_embedding.data); without a gradient it would stall
+        # DDP's reducer, so say so.
+        bert.encoder.pos_embedding.requires_grad_(False)
+    net.to(device)
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=cfg.lr)
+    scaler = make_grad_scaler(device, cfg.amp)
+    log = MetricsLog(cfg.out_dir, {k: v for k, v in dataclasses.asdict(cfg).items()},
+                     enabled=main)
+    start_epoch = start_step = global_step = 0
+    partial = None
+    ckpt_path = find_resume_checkpoint(cfg)
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
+    if ckpt is not None:
+        net.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, start_step = ckpt["epoch"], ckpt["step_in_epoch"]
+        global_step, partial = ckpt["global_step"], ckpt.get("partial")
+        log.data["steps"], log.data["epochs"] = ckpt["log"]["steps"], ckpt["log"]["epochs"]
+        say(f"resumed from {ckpt_path}: epoch {start_epoch + 1}, step {start_step}")
+
+    train_sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, shuffle=True,
+                                       seed=cfg.seed, lengths=train_set.lengths,
+                                       bucket=cfg.bucket, rank=dist.rank,
+                                       world_size=dist.world_size)
+    test_sampler = GlobalBatchSampler(len(test_set), cfg.eval_batch_size or cfg.batch_size,
+                                      shuffle=False, lengths=test_set.lengths,
+                                      bucket=cfg.bucket, rank=dist.rank,
+                                      world_size=dist.world_size)
+    train_iter, test_iter = _loader(train_set, train_sampler, cfg), _loader(test_set,
+                                                                            test_sampler, cfg)
+    model = net
+    if dist.enabled:
+        model = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    loss = nn.CrossEntropyLoss(reduction="none")
+    # train_batch_ch13 backpropagates l.sum(); DDP averages over ranks, so each rank scales
+    # its local sum by the world size: the update equals one process on the global batch.
+    grad_scale = float(dist.world_size)
+
+    def save(epoch, step_in_epoch, partial_sums=None):
+        if main and cfg.out_dir:
+            save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), {
+                "kind": "finetune", "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+                "partial": partial_sums, "rng": rng_state(), "log": log.data,
+                "config": dataclasses.asdict(cfg),
+                "vocab": vocab.idx_to_token if vocab is not None else None})
+
+    if ckpt is not None:
+        set_rng_state(ckpt["rng"])  # last: everything above may have drawn random numbers
+    timer = Timer()
+    num_examples_timed = 0
+    test_acc = None
+    stopped = False
+    for epoch in range(start_epoch, cfg.epochs):
+        train_sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
+        num_batches = len(train_sampler.global_batches())
+        # Sums of loss, correct predictions and examples over the global batches.
+        sums = torch.tensor(partial if partial is not None and epoch == start_epoch
+                            else [0.0, 0.0, 0.0], dtype=torch.float64)
+        step_in_epoch = train_sampler.start_step
+        bar = progress(train_iter, main and cfg.progress, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        for X, y in bar:
+            timer.start()
+            X = [x.to(device, non_blocking=True) for x in X]
+            y = y.to(device, non_blocking=True)
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, cfg.amp):
+                pred = model(X)
+            l = loss(pred.float(), y)
+            total = l.sum() * grad_scale
+            if scaler is not None:
+                scaler.scale(total).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                total.backward()
+                optimizer.step()
+            batch = torch.stack([l.detach().sum().double(),
+                                 (pred.detach().argmax(dim=1) == y).sum().double(),
+                                 torch.tensor(float(y.numel()), dtype=torch.float64,
+                                              device=y.device)]).cpu()
+            all_reduce_sum(batch, dist)
+            timer.stop()
+            sums += batch
+            num_examples_timed += int(batch[2])
+            step_in_epoch += 1
+            global_step += 1
+            log.steps.append({"step": global_step, "epoch_float": epoch + step_in_epoch / num_batches,
+                              "loss": float(batch[0] / batch[2]),
+                              "train_acc": float(batch[1] / batch[2])})
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{sums[1] / sums[2]:.3f}")
+            if cfg.max_steps is not None and global_step >= cfg.max_steps:
+                stopped = True
+                break
+        if stopped and step_in_epoch < num_batches:
+            # Stopped mid-epoch: keep the position so --resume continues exactly here.
+            save(epoch, step_in_epoch, sums.tolist())
+            log.write(curves=("loss", "train_acc", "test_acc"))
+            break
+        test_acc = evaluate_accuracy(model, test_iter, device, cfg.amp, dist)
+        row = {"epoch": epoch + 1, "epoch_float": epoch + 1.0,
+               "loss": float(sums[0] / sums[2]), "train_acc": float(sums[1] / sums[2]),
+               "test_acc": test_acc, "steps": global_step}
+        log.epochs.append(row)
+        say(f"epoch {epoch + 1}: loss {row['loss']:.3f}, train acc {row['train_acc']:.3f}, "
+            f"test acc {test_acc:.3f}")
+        save(epoch + 1, 0)
+        log.write(curves=("loss", "train_acc", "test_acc"))
+        if stopped:
+            break
+    eps = num_examples_timed / timer.total if timer.total > 0 else 0.0
+    dev_desc = f"{dist.world_size} x {device}" if dist.enabled else str(device)
+    if log.epochs:
+        last = log.epochs[-1]
+        say(f"loss {last['loss']:.3f}, train acc {last['train_acc']:.3f}, "
+            f"test acc {last['test_acc']:.3f}")
+    say(f"{eps:.1f} examples/sec on {dev_desc}")
+    log.data["examples_per_sec"] = eps
+    log.write(curves=("loss", "train_acc", "test_acc"))
+    return {"epochs": log.epochs, "steps": log.steps, "test_acc": test_acc,
+            "examples_per_sec": eps, "model": net, "vocab": vocab, "tokenizer": tokenizer,
+            "rank": dist.rank, "world_size": dist.world_size}

@@ -1,0 +1,247 @@
+"""Pretraining BERT on WikiText-2 (MLM + NSP), as the book's ``train_bert`` does it: the
+book's data pipeline and model sizes, Adam lr 0.01, a fixed number of steps, the losses of
+``_get_batch_loss_bert`` (through :func:`fastbert.losses.bert_pretrain_loss`), plus DDP,
+AMP, torch.compile, exact checkpoints/resume, a JSON log and curves.
+
+Library use::
+
+    from fastbert.train import PretrainConfig, pretrain
+    result = pretrain(PretrainConfig(max_steps=50, out_dir="runs/wiki"))
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import random
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from .. import backends
+from ..bert import BERTModel
+from ..data.batching import GlobalBatchSampler, trim_collate
+from ..data.paths import default_data_dir
+from ..data.wiki import WikiTextDataset, read_wiki
+from .common import (MetricsLog, RunConfig, Timer, all_reduce_sum, autocast, cleanup_distributed,
+                     find_resume_checkpoint, load_checkpoint, make_grad_scaler, progress,
+                     resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state,
+                     setup_distributed)
+
+__all__ = ["PretrainConfig", "pretrain", "PretrainLoss", "batch_loss_bert"]
+
+
+@dataclasses.dataclass
+class PretrainConfig(RunConfig):
+    data_dir: Optional[str] = None     # a folder with wiki.train.tokens(.gz) or wikitext-2/
+    split: str = "train"
+    max_paragraphs: Optional[int] = None
+    max_len: int = 64                  # the book's pretraining recipe ...
+    num_hiddens: int = 128
+    ffn_num_hiddens: int = 256
+    num_heads: int = 2
+    num_layers: int = 2
+    dropout: float = 0.2
+    batch_size: int = 512
+    lr: float = 0.01
+    max_steps: Optional[int] = 50
+    epochs: int = 1000                 # an upper bound: the book counts steps
+    mlm_loss: str = "book"             # book: _get_batch_loss_bert's numbers; real-slots: fused
+
+
+def batch_loss_bert(net, vocab_size, tokens_X, segments_X, valid_lens_x, pred_positions_X,
+                    mlm_weights_X, mlm_Y, nsp_y, book_compatible: bool = True):
+    """``(mlm_l, nsp_l, l)``: :func:`fastbert.losses.bert_pretrain_loss` when present, else
+    the book's ``_get_batch_loss_bert`` formula."""
+    try:
+        from ..losses import bert_pretrain_loss
+    except ImportError:
+        bert_pretrain_loss = None
+    if bert_pretrain_loss is not None:
+        return bert_pretrain_loss(net, vocab_size, tokens_X, segments_X, valid_lens_x,
+                                  pred_positions_X, mlm_weights_X, mlm_Y, nsp_y,
+                                  book_compatible=book_compatible)
+    if not book_compatible:
+        raise RuntimeError("the real-slots MLM loss needs fastbert.losses")
+    loss = nn.CrossEntropyLoss()
+    _, mlm_Y_hat, nsp_Y_hat = net(tokens_X, segments_X, valid_lens_x.reshape(-1),
+                                  pred_positions_X)
+    mlm_l = loss(mlm_Y_hat.reshape(-1, vocab_size).float(), mlm_Y.reshape(-1)) * \
+        mlm_weights_X.reshape(-1, 1)
+    mlm_l = mlm_l.sum() / (mlm_weights_X.sum() + 1e-8)
+    nsp_l = loss(nsp_Y_hat.float(), nsp_y)
+    return mlm_l, nsp_l, mlm_l + nsp_l
+
+
+class PretrainLoss(nn.Module):
+    """The whole pretraining forward (model + losses) as one module, so DDP and
+    torch.compile see every parameter, the fused MLM head's included."""
+
+    def __init__(self, bert: BERTModel, vocab_size: int, book_compatible: bool):
+        super().__init__()
+        self.bert, self.vocab_size, self.book_compatible = bert, vocab_size, book_compatible
+
+    def forward(self, tokens, segments, valid_lens, pred_positions, mlm_weights, mlm_Y, nsp_y):
+        mlm_l, nsp_l, _ = batch_loss_bert(self.bert, self.vocab_size, tokens, segments,
+                                          valid_lens, pred_positions, mlm_weights, mlm_Y,
+                                          nsp_y, self.book_compatible)
+        return mlm_l.float(), nsp_l.float()
+
+
+def pretrain(cfg: Optional[PretrainConfig] = None, **overrides) -> Dict[str, Any]:
+    """Pretrain on WikiText-2; returns ``{"steps": [...], "epochs": [...], "mlm_loss",
+    "nsp_loss", "pairs_per_sec", "model", "vocab"}``."""
+    cfg = dataclasses.replace(cfg or PretrainConfig(), **overrides)
+    if cfg.mlm_loss not in ("book", "real-slots"):
+        raise ValueError(f"--mlm-loss must be book or real-slots, got {cfg.mlm_loss!r}")
+    dist = setup_distributed(cfg.device)
+    try:
+        return _pretrain(cfg, dist)
+    finally:
+        cleanup_distributed(dist)
+
+
+def _pretrain(cfg: PretrainConfig, dist) -> Dict[str, Any]:
+    device = resolve_device(cfg.device, dist)
+    if cfg.backend:
+        backends.set_backend(cfg.backend)
+    main = dist.is_main
+    say = print if (main and cfg.verbose) else (lambda *a, **k: None)
+    seed_everything(cfg.seed)
+    data_dir = cfg.data_dir or default_data_dir()
+    # The book's pipeline draws from Python's `random`; a seeded private generator makes
+    # every rank build the same examples.
+    rng = random.Random(cfg.seed)
+    paragraphs = read_wiki(data_dir, cfg.split, rng=rng, max_paragraphs=cfg.max_paragraphs)
+    train_set = WikiTextDataset(paragraphs, cfg.max_len, rng=rng)
+    vocab = train_set.vocab
+    if len(train_set) == 0:
+        raise ValueError(f"no pretraining example fits max_len={cfg.max_len}")
+    say(f"{len(train_set)} pretraining examples, vocabulary of {len(vocab)} tokens")
+    h = cfg.num_hiddens
+    bert = BERTModel(len(vocab), h, norm_shape=[h], ffn_num_input=h,
+                     ffn_num_hiddens=cfg.ffn_num_hiddens, num_heads=cfg.num_heads,
+                     num_layers=cfg.num_layers, dropout=cfg.dropout, max_len=cfg.max_len,
+                     key_size=h, query_size=h, value_size=h, hid_in_features=h,
+                     mlm_in_features=h, nsp_in_features=h)
+    if not bert.encoder.train_pos_embedding:
+        bert.encoder.pos_embedding.requires_grad_(False)  # d2l 0.17 never trains it
+    step_module = PretrainLoss(bert, len(vocab), cfg.mlm_loss == "book").to(device)
+    optimizer = torch.optim.Adam([p for p in bert.parameters() if p.requires_grad], lr=cfg.lr)
+    scaler = make_grad_scaler(device, cfg.amp)
+    log = MetricsLog(cfg.out_dir, dataclasses.asdict(cfg), enabled=main)
+    start_epoch = start_step = global_step = 0
+    ckpt_path = find_resume_checkpoint(cfg)
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
+    if ckpt is not None:
+        if ckpt.get("vocab") != vocab.idx_to_token:
+            raise ValueError(f"{ckpt_path} was trained with another vocabulary (different "
+                             "data, --max-paragraphs or --seed)")
+        bert.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, start_step = ckpt["epoch"], ckpt["step_in_epoch"]
+        global_step = ckpt["global_step"]
+        log.data["steps"], log.data["epochs"] = ckpt["log"]["steps"], ckpt["log"]["epochs"]
+        say(f"resumed from {ckpt_path}: epoch {start_epoch + 1}, step {start_step}")
+
+    sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                 lengths=train_set.lengths, bucket=cfg.bucket, rank=dist.rank,
+                                 world_size=dist.world_size)
+    collate = (functools.partial(trim_collate, valid_len_index=2, seq_fields=(0, 1))
+               if cfg.trim else torch.utils.data.default_collate)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=cfg.num_workers,
+                                         generator=torch.Generator().manual_seed(0))
+    model = step_module
+    if dist.enabled:
+        model = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    def save(epoch, step_in_epoch):
+        if main and cfg.out_dir:
+            save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), {
+                "kind": "pretrain", "model": bert.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+                "rng": rng_state(), "log": log.data, "config": dataclasses.asdict(cfg),
+                "vocab": vocab.idx_to_token})
+
+    if ckpt is not None:
+        set_rng_state(ckpt["rng"])
+    timer, pairs = Timer(), 0
+    done = cfg.max_steps is not None and global_step >= cfg.max_steps
+    curves = ("mlm_loss", "nsp_loss")
+    for epoch in range(start_epoch, cfg.epochs):
+        if done:
+            break
+        sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
+        num_batches = len(sampler.global_batches())
+        step_in_epoch = sampler.start_step
+        bar = progress(loader, main and cfg.progress, desc=f"epoch {epoch + 1}",
+                       total=(min(len(sampler), cfg.max_steps - global_step)
+                              if cfg.max_steps else None))
+        for batch in bar:
+            timer.start()
+            batch = [t.to(device, non_blocking=True) for t in batch]
+            n_local = batch[0].shape[0]
+            w_local = batch[4].sum()
+            counts = torch.tensor([float(n_local), float(w_local)], dtype=torch.float64)
+            all_reduce_sum(counts, dist)
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, cfg.amp):
+                mlm_l, nsp_l = model(*batch)
+            # Each rank's losses are means over its shard; weighting them by the shard's
+            # share (x world size, as DDP averages) gives exactly the global-batch means.
+            nsp_share = n_local * dist.world_size / counts[0].item()
+            mlm_share = (nsp_share if cfg.mlm_loss == "book"
+                         else float(w_local) * dist.world_size / max(counts[1].item(), 1e-8))
+            total = mlm_l * mlm_share + nsp_l * nsp_share
+            if scaler is not None:
+                scaler.scale(total).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                total.backward()
+                optimizer.step()
+            vals = torch.tensor([mlm_l.item() * mlm_share, nsp_l.item() * nsp_share],
+                                dtype=torch.float64) / dist.world_size
+            all_reduce_sum(vals, dist)
+            timer.stop()
+            pairs += int(counts[0].item())
+            step_in_epoch += 1
+            global_step += 1
+            log.steps.append({"step": global_step, "epoch_float": epoch + step_in_epoch / num_batches,
+                              "mlm_loss": float(vals[0]), "nsp_loss": float(vals[1])})
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(mlm=f"{vals[0]:.3f}", nsp=f"{vals[1]:.3f}")
+            if cfg.max_steps is not None and global_step >= cfg.max_steps:
+                done = True
+                break
+        finished_epoch = step_in_epoch >= num_batches
+        rows = [r for r in log.steps if epoch < r["epoch_float"] <= epoch + 1]
+        if finished_epoch and rows:
+            log.epochs.append({"epoch": epoch + 1, "epoch_float": epoch + 1.0, "steps": global_step,
+                               "mlm_loss": sum(r["mlm_loss"] for r in rows) / len(rows),
+                               "nsp_loss": sum(r["nsp_loss"] for r in rows) / len(rows)})
+        save(epoch + 1 if finished_epoch else epoch, 0 if finished_epoch else step_in_epoch)
+        log.write(curves=curves)
+    # The book prints the mean of the per-step losses over the run.
+    steps = log.steps
+    mlm = sum(r["mlm_loss"] for r in steps) / max(len(steps), 1)
+    nsp = sum(r["nsp_loss"] for r in steps) / max(len(steps), 1)
+    pps = pairs / timer.total if timer.total > 0 else 0.0
+    say(f"MLM loss {mlm:.3f}, NSP loss {nsp:.3f}")
+    say(f"{pps:.1f} sentence pairs/sec on "
+        f"{f'{dist.world_size} x {device}' if dist.enabled else device}")
+    log.data["pairs_per_sec"] = pps
+    log.write(curves=curves)
+    return {"steps": steps, "epochs": log.epochs, "mlm_loss": mlm, "nsp_loss": nsp,
+            "pairs_per_sec": pps, "model": bert, "vocab": vocab, "rank": dist.rank,
+            "world_size": dist.world_size}
