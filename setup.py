@@ -32,9 +32,12 @@ def extension_setup():
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     if not sources:
         return [], {}
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-march=x86-64-v3", "-mavx512f", "-mavx512bw",
-           "-mavx512vl", "-mavx512dq", "-DFASTBERT_CPU"]
-    cxx = [f for f in cxx if not f.startswith("-m")] if os.environ.get("FASTBERT_PORTABLE") else cxx
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DFASTBERT_CPU"]
+    if not os.environ.get("FASTBERT_PORTABLE"):
+        # AVX-512 code, and ATen's at::vec::Vectorized in its AVX-512 flavour (its exp etc. call
+        # the Sleef symbols libtorch_cpu exports).  Portable builds use the generic Vectorized.
+        cxx += ["-march=x86-64-v3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
     kwargs = dict(include_dirs=[os.path.join(HERE, "csrc")], extra_link_args=["-fopenmp"])
     with_cuda = torch.cuda.is_available() or os.environ.get("FASTBERT_FORCE_CUDA")
     if with_cuda and CUDA_HOME and torch.version.cuda:

@@ -128,7 +128,11 @@ def attention(q, k, v, valid_lens=None, dropout_p: float = 0.0, scale: Optional[
 
 def pack(X: torch.Tensor, valid_lens) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Keep the first ``valid_lens[b]`` positions of each sequence of ``X[B, L, ...]``:
-    returns ``(packed[T, ...], cu_seqlens[B+1] int32, max_len)``."""
+    returns ``(packed[T, ...], cu_seqlens[B+1] int32, max_len)``.
+
+    ``max_len`` is an upper bound of the longest sequence, exact in eager: under
+    ``torch.compile`` a fast backend returns the padded length L (no data-dependent int,
+    so no graph break).  T is data-dependent (an unbacked size under compile)."""
     _check_tensor("X", X, ndim=None, dtypes=None)
     if X.dim() < 2:
         raise ValueError(f"X must be [B, L, ...], got shape {tuple(X.shape)}")

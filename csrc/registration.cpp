@@ -1,0 +1,53 @@
+// The one schema file of the fastbert extension: every op of the `fastbert` namespace is
+// declared here (TORCH_LIBRARY may appear once per namespace); each op's kernels live in
+// csrc/cpu/<op>.cpp (TORCH_LIBRARY_IMPL(fastbert, CPU)) and csrc/cuda/<op>_binding.cpp
+// (TORCH_LIBRARY_IMPL(fastbert, CUDA)).  Fake kernels and autograd are registered in Python
+// (fastbert/backends/cpp/<op>.py).  Keep one block per op, in the order of DESIGN.md.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import fastbert._C` loads this library, which runs the registrations below.  No pybind:
+// every entry point is a dispatcher op reached through torch.ops.fastbert.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastbert's C++ ops (torch.ops.fastbert)",
+                               -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(fastbert, m) {
+  // masked_softmax: softmax over the last axis of X[N, Lq, Lk]; valid_lens None, [N] or
+  // [N, Lq] int32.  The backward needs valid_lens too: a valid length of 0 gives a uniform
+  // row whose gradient is 0 (the reference's masked_fill cuts it).
+  m.def("masked_softmax(Tensor X, Tensor? valid_lens) -> Tensor");
+  m.def("masked_softmax_backward(Tensor grad_out, Tensor out, Tensor? valid_lens) -> Tensor");
+
+  // add_layernorm: layer_norm(dropout(y) + x) over the last axis.  mean and rstd (per row,
+  // fp32; fp64 for fp64 input) are all the backward keeps; it regenerates the dropout mask
+  // from seed (a 0-d int64 CPU tensor, None when dropout_p == 0).
+  m.def("add_layernorm(Tensor x, Tensor y, Tensor? weight, Tensor? bias, float eps, "
+        "float dropout_p, Tensor? seed) -> (Tensor out, Tensor mean, Tensor rstd)");
+  m.def("add_layernorm_backward(Tensor grad_out, Tensor x, Tensor y, Tensor? weight, "
+        "Tensor mean, Tensor rstd, float dropout_p, Tensor? seed) "
+        "-> (Tensor grad_x, Tensor grad_y, Tensor grad_weight, Tensor grad_bias)");
+  // The keep mask (bool, CPU) a fused kernel draws for this seed: element i of the op's
+  // output is kept iff uniform01(seed, i) >= p (csrc/common/counter_rng.h).  For tests.
+  m.def("dropout_mask(Tensor seed, SymInt[] shape, float p) -> Tensor");
+
+  // gather_positions: X[B, L, C], positions[B, P] int64 -> [B, P, C]; the backward
+  // scatter-adds into [B, L, C] (positions may repeat), deterministically.
+  m.def("gather_positions(Tensor X, Tensor positions) -> Tensor");
+  m.def("gather_positions_backward(Tensor grad_out, Tensor positions, SymInt L) -> Tensor");
+
+  // pack / unpack: X[B, L, ...] + valid_lens[B] int32 -> packed[T, ...], cu_seqlens[B+1]
+  // int32 (T is data-dependent); unpack(packed, cu_seqlens, L) -> [B, L, ...], zeros at
+  // pads.  pack_rows is pack with known offsets and T (unpack's backward).
+  m.def("pack(Tensor X, Tensor valid_lens) -> (Tensor packed, Tensor cu_seqlens)");
+  m.def("unpack(Tensor packed, Tensor cu_seqlens, SymInt L) -> Tensor");
+  m.def("pack_rows(Tensor X, Tensor cu_seqlens, SymInt T) -> Tensor");
+
+#ifdef FASTBERT_CUDA
+  // Present only in a build with the CUDA kernels: fastbert/backends/cpp/__init__.py asks
+  // torch.ops.fastbert._cuda_built to decide whether the cpp backend serves CUDA tensors.
+  m.def("_cuda_built() -> bool", []() { return true; });
+#endif
+}

@@ -1,0 +1,80 @@
+"""cpp glue for ``add_layernorm`` (``layer_norm(dropout(y) + x)``, d2l's AddNorm): fake
+kernels, autograd, the backend function.
+
+Kernels: csrc/cpu/add_layernorm.cpp (CUDA: csrc/cuda/add_layernorm.cu).  Reference:
+:func:`fastbert.backends.reference.add_layernorm`.  The forward returns per-row mean and rstd
+(fp32; fp64 for fp64 input) beside the output; the backward recomputes ``x + dropout(y)``
+and regenerates the dropout mask from the seed.  ``dropout_mask(seed, shape, p)`` returns the
+keep mask the kernels draw (for tests).
+"""
+from __future__ import annotations
+
+import torch
+
+from ... import ops as _front
+
+_ops = torch.ops.fastbert
+_ops.add_layernorm  # noqa: B018  (AttributeError -> this glue is skipped: kernel not built)
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fastbert::add_layernorm")
+def _add_layernorm_fake(x, y, weight, bias, eps, dropout_p, seed):
+    stats = x.shape[:-1]
+    acc = _stat_dtype(x.dtype)
+    return x.new_empty(x.shape), x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)
+
+
+@torch.library.register_fake("fastbert::add_layernorm_backward")
+def _add_layernorm_backward_fake(grad_out, x, y, weight, mean, rstd, dropout_p, seed):
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    C = x.shape[-1]
+    return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((C,), dtype=param_dtype),
+            x.new_empty((C,), dtype=param_dtype))
+
+
+@torch.library.register_fake("fastbert::dropout_mask")
+def _dropout_mask_fake(seed, shape, p):
+    return seed.new_empty(shape, dtype=torch.bool)
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, weight, bias, eps, dropout_p, seed = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, y, weight, mean, rstd, seed)
+    ctx.dropout_p = dropout_p
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    x, y, weight, mean, rstd, seed = ctx.saved_tensors
+    dx, dy, dweight, dbias = _ops.add_layernorm_backward(grad_out, x, y, weight, mean, rstd,
+                                                         ctx.dropout_p, seed)
+    if weight is None:
+        dweight = None
+    if ctx.bias_dtype is None:
+        dbias = None
+    elif dbias.dtype != ctx.bias_dtype:
+        dbias = dbias.to(ctx.bias_dtype)
+    return dx, dy, dweight, dbias, None, None, None
+
+
+torch.library.register_autograd("fastbert::add_layernorm", _backward, setup_context=_setup_context)
+
+
+def add_layernorm(x, y, weight, bias, eps: float, dropout_p: float = 0.0, seed=None):
+    if dropout_p > 0 and seed is None:
+        seed = _front.dropout_seed(dropout_p)
+    return _ops.add_layernorm(x, y, weight, bias, float(eps), float(dropout_p),
+                              seed if dropout_p > 0 else None)[0]
+
+
+def dropout_mask(seed: torch.Tensor, shape, p: float) -> torch.Tensor:
+    """The bool keep mask (CPU) the fused kernels use for an output of ``shape``."""
+    return _ops.dropout_mask(seed, list(shape), float(p))
+
+
+OPS = {"add_layernorm": add_layernorm}
