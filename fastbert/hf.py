@@ -390,6 +390,9 @@ def export_hf_bert(model: BERTModel, path, tokenizer: Optional[WordPieceTokenize
             raise HFCheckpointError(f"no HF name for {name}")
         out[reverse[name]] = value
     if heads:
+        # HF ties cls.predictions.decoder.bias to cls.predictions.bias; write both names,
+        # as HF does, so every transformers version finds the one it looks for.
+        out["cls.predictions.decoder.bias"] = out["cls.predictions.bias"]
         out = {(k if k.startswith("cls.") else "bert." + k): v for k, v in out.items()}
     out = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in out.items()}
     num_heads = blk0.attention.num_heads

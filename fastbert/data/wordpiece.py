@@ -7,7 +7,10 @@ sentence pairs into the fast encoder's inputs.
 Each pair becomes ``[CLS] a [SEP] b [SEP]`` with segment ids 0 for ``[CLS] a [SEP]`` and 1
 for ``b [SEP]`` (BERT's layout, the same as d2l's ``<cls> a <sep> b <sep>``).  Too-long
 pairs are cut longest-first, one word piece at a time from the longer side (the hypothesis on
-a tie), exactly as d2l's ``_truncate_pair_of_tokens`` and Hugging Face's ``longest_first``.
+a tie), exactly as d2l's ``_truncate_pair_of_tokens`` (and the old Python ``BertTokenizer``).
+The Rust ``tokenizers`` ``longest_first`` differs only when both sides end up cut to about
+half the budget: it gives the odd leftover piece to the originally longer side, d2l to the
+premise.  Pairs that fit are encoded exactly as Hugging Face encodes them.
 
 Word pieces come from the Rust ``tokenizers`` package when it is installed (the ``hf``
 extra: ``pip install tokenizers``), else from the pure-Python tokenizer below, which follows
@@ -31,7 +34,7 @@ Text = Union[str, Sequence[str]]  # a sentence, or its whitespace tokens (d2l st
 
 def truncate_pair(a: List[int], b: Optional[List[int]], budget: int) -> None:
     """Cut ``a`` and ``b`` in place until ``len(a) + len(b) <= budget``, one piece at a
-    time from the longer one (``b`` on a tie): longest-first, as d2l and Hugging Face do."""
+    time from the longer one (``b`` on a tie): longest-first, as d2l does."""
     if b is None:
         del a[max(budget, 0):]
         return
