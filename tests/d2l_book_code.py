@@ -128,6 +128,13 @@ class SNLIBERTDataset(torch.utils.data.Dataset):
             else:
                 h_tokens.pop()
 
+    def __getitem__(self, idx):
+        return (self.all_token_ids[idx], self.all_segments[idx],
+                self.valid_lens[idx]), self.labels[idx]
+
+    def __len__(self):
+        return len(self.all_token_ids)
+
 
 def _read_wiki_lines(lines):
     paragraphs = [line.strip().lower().split(' . ')
