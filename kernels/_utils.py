@@ -26,6 +26,23 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# Under the interpreter, Triton 3.6 casts fp32 -> bf16 by truncation (GPUs round to nearest
+# even), which doubles bf16 errors; cast() rounds first there.  A global constexpr, so the
+# fix compiles away on a GPU.
+_ROUND_BF16_BY_HAND: tl.constexpr = tl.constexpr(INTERPRETER)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` with round-to-nearest-even on every platform."""
+    if _ROUND_BF16_BY_HAND:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
 @triton.jit
 def mma(a, b, PREC: tl.constexpr):
     """tl.dot with an fp32 result (see :func:`dot_precision` for PREC)."""

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import next_pow2, rows_per_program, seed_value
+from ._utils import cast, next_pow2, rows_per_program, seed_value
 from .dropout import dropout_keep, keep_mask
 
 
@@ -53,7 +53,7 @@ def _add_layernorm_fwd_kernel(X, Y, W, B, OUT, MEAN, RSTD, R, C, eps, seed, drop
         out = out * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_B:
         out = out + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=in_bounds)
+    tl.store(OUT + offs, cast(out, OUT.dtype.element_ty), mask=in_bounds)
     tl.store(MEAN + rows, mean, mask=row_ok)
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
@@ -81,12 +81,12 @@ def _add_layernorm_bwd_kernel(DOUT, X, Y, W, MEAN, RSTD, DX, DY, DW_PART, DB_PAR
     c1 = tl.sum(xhat * gw, axis=1) / C
     c2 = tl.sum(gw, axis=1) / C
     dz = (gw - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-    tl.store(DX + offs, dz.to(DX.dtype.element_ty), mask=in_bounds)
+    tl.store(DX + offs, cast(dz, DX.dtype.element_ty), mask=in_bounds)
     if DROPOUT:
         dy = tl.where(keep, dz / (1.0 - dropout_p), 0.0)
     else:
         dy = dz
-    tl.store(DY + offs, dy.to(DY.dtype.element_ty), mask=in_bounds)
+    tl.store(DY + offs, cast(dy, DY.dtype.element_ty), mask=in_bounds)
     tl.store(DW_PART + pid * C + cols, tl.sum(g * xhat, axis=0), mask=col_ok)
     tl.store(DB_PART + pid * C + cols, tl.sum(g, axis=0), mask=col_ok)
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRETER, dot_precision, mma, next_pow2
+from ._utils import cast, INTERPRETER, dot_precision, mma, next_pow2
 
 EPI_NONE, EPI_RELU, EPI_GELU, EPI_RELU_GRAD, EPI_GELU_GRAD = 0, 1, 2, 3, 4
 ACTIVATION_EPILOGUE = {"relu": EPI_RELU, "gelu": EPI_GELU}
@@ -55,7 +55,7 @@ def _linear_kernel(A, B, BIAS, AUX, C, PRE, M, N, K, stride_am, stride_ak, strid
     c_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     c_mask = m_ok[:, None] & n_ok[None, :]
     if STORE_PRE:
-        tl.store(PRE + c_offs, acc.to(PRE.dtype.element_ty), mask=c_mask)
+        tl.store(PRE + c_offs, cast(acc, PRE.dtype.element_ty), mask=c_mask)
     if EPILOGUE == 1:
         acc = tl.maximum(acc, 0.0)
     elif EPILOGUE == 2:
@@ -67,12 +67,13 @@ def _linear_kernel(A, B, BIAS, AUX, C, PRE, M, N, K, stride_am, stride_ak, strid
         h = tl.load(AUX + c_offs, mask=c_mask, other=0.0).to(tl.float32)
         cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
         acc = acc * (cdf + h * 0.3989422804014327 * tl.exp(-0.5 * h * h))
-    tl.store(C + c_offs, acc.to(C.dtype.element_ty), mask=c_mask)
+    tl.store(C + c_offs, cast(acc, C.dtype.element_ty), mask=c_mask)
 
 
 def _blocks(M: int, N: int, K: int):
     cap_mn, cap_k = (128, 128) if INTERPRETER else (64, 32)
-    return min(cap_mn, next_pow2(M, 16)), min(cap_mn, next_pow2(N, 16)), min(cap_k, next_pow2(K, 16))
+    return (min(cap_mn, next_pow2(M, 16)), min(cap_mn, next_pow2(N, 16)),
+            min(cap_k, next_pow2(K, 16)))
 
 
 def linear(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -115,7 +116,6 @@ def backward(dout, x2d, w1, w2, a, h, activation: str, has_b1: bool, has_b2: boo
     dw2 = linear(dout.t(), a, out_dtype=w2.dtype)
     dw1 = linear(dh.t(), x2d, out_dtype=w1.dtype)
     dx = linear(dh, w1)
-    empty = dout.new_empty((0,), dtype=torch.float32)
-    db1 = dh.sum(0, dtype=torch.float32) if has_b1 else empty
-    db2 = dout.sum(0, dtype=torch.float32) if has_b2 else empty
+    db1 = dh.sum(0, dtype=torch.float32) if has_b1 else dh.new_empty((0,), dtype=torch.float32)
+    db2 = dout.sum(0, dtype=torch.float32) if has_b2 else dh.new_empty((0,), dtype=torch.float32)
     return dx, dw1, db1, dw2, db2

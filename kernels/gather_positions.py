@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import next_pow2
+from ._utils import cast, next_pow2
 
 
 @triton.jit
@@ -45,7 +45,7 @@ def _scatter_add_kernel(DOUT, POS, DX, P, L, C, BLOCK_L: tl.constexpr, BLOCK_C: 
         p += 1
     mask = (offs_l[:, None] < L) & c_ok[None, :]
     tl.store(DX + (b.to(tl.int64) * L + offs_l)[:, None] * C + offs_c[None, :],
-             acc.to(DX.dtype.element_ty), mask=mask)
+             cast(acc, DX.dtype.element_ty), mask=mask)
 
 
 def forward(X: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import next_pow2, rows_per_program
+from ._utils import cast, next_pow2, rows_per_program
 
 
 @triton.jit
@@ -48,7 +48,7 @@ def _masked_softmax_fwd_kernel(X, VL, Y, n_rows, Lq, Lk, VL_MODE: tl.constexpr,
     x = tl.where(visible, x, float("-inf"))
     e = tl.exp(x - tl.max(x, axis=1)[:, None])
     y = e / tl.sum(e, axis=1)[:, None]
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=in_bounds)
+    tl.store(Y + offs, cast(y, Y.dtype.element_ty), mask=in_bounds)
 
 
 @triton.jit
@@ -66,7 +66,7 @@ def _masked_softmax_bwd_kernel(Y, DY, VL, DX, n_rows, Lq, Lk, VL_MODE: tl.conste
     # Masked scores were overwritten by a constant fill: no gradient reaches them (a
     # valid_len-0 row is entirely fill, so its whole gradient is 0).
     dx = tl.where(cols[None, :] < vl[:, None], dx, 0.0)
-    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=in_bounds)
+    tl.store(DX + offs, cast(dx, DX.dtype.element_ty), mask=in_bounds)
 
 
 def _launch_shape(X: torch.Tensor, valid_lens: Optional[torch.Tensor]):

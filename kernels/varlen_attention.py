@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRETER, dot_precision, mma, next_pow2, seed_value
+from ._utils import cast, INTERPRETER, dot_precision, mma, next_pow2, seed_value
 from .dropout import dropout_keep, keep_mask
 
 
@@ -114,12 +114,12 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU, VL, seed, dropout_p, scale, H, Lq, Lk
                 p = tl.where(dropout_keep(seed, offs, dropout_p), p / (1.0 - dropout_p), 0.0)
             v = tl.load(V + (rows_k * H + h)[:, None] * DV + offs_dv[None, :],
                         mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, PREC)
+            acc = acc * alpha[:, None] + mma(cast(p, v.dtype), v, PREC)
             m_i = m_new
             start_n += BLOCK_N
         out = acc / l_i[:, None]
-        tl.store(O + (rows_q * H + h)[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty),
-                 mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+        tl.store(O + (rows_q * H + h)[:, None] * DV + offs_dv[None, :],
+                 cast(out, O.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < DV))
         tl.store(LSE + h * TQ + rows_q, m_i + tl.log(l_i), mask=m_ok)
 
 
@@ -166,10 +166,10 @@ def _flash_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, CU, VL, seed, dropout_p
                 offs = (h * TQ + rows_q)[:, None] * TK + rows_k[None, :]
                 dp = tl.where(dropout_keep(seed, offs, dropout_p), dp / (1.0 - dropout_p), 0.0)
             ds = tl.where(empty[:, None] | ~m_ok[:, None], 0.0, p * (dp - delta[:, None]))
-            dq += mma(ds.to(k.dtype), k, PREC)
+            dq += mma(cast(ds, k.dtype), k, PREC)
             start_n += BLOCK_N
         tl.store(DQ + (rows_q * H + h)[:, None] * D + offs_d[None, :],
-                 (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+                 cast(dq * scale, DQ.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
@@ -217,14 +217,14 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, CU, VL, seed, dr
                 dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             else:
                 p_drop = p
-            dv += mma(tl.trans(p_drop.to(do.dtype)), do, PREC)
+            dv += mma(tl.trans(cast(p_drop, do.dtype)), do, PREC)
             ds = tl.where(empty[:, None], 0.0, p * (dp - delta[:, None]))
-            dk += mma(tl.trans(ds.to(q.dtype)), q, PREC)
+            dk += mma(tl.trans(cast(ds, q.dtype)), q, PREC)
             start_m += BLOCK_M
         tl.store(DK + (rows_k * H + h)[:, None] * D + offs_d[None, :],
-                 (dk * scale).to(DK.dtype.element_ty), mask=k_mask)
+                 cast(dk * scale, DK.dtype.element_ty), mask=k_mask)
         tl.store(DV_OUT + (rows_k * H + h)[:, None] * DV + offs_dv[None, :],
-                 dv.to(DV_OUT.dtype.element_ty), mask=v_mask)
+                 cast(dv, DV_OUT.dtype.element_ty), mask=v_mask)
 
 
 # ----------------------------------------------------------------------------- launchers
