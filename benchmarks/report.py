@@ -1,0 +1,302 @@
+"""Turn a pytest-benchmark JSON of this suite into the performance report.
+
+    pytest benchmarks/ --benchmark-only --benchmark-json out.json
+    python benchmarks/report.py out.json            # -> docs/benchmarks.md, docs/benchmarks.png
+
+The markdown has the machine, the measured ceilings and one table per job (median time,
+examples/s, tokens/s, GFLOP/s or GB/s, % of the machine's ceiling, ratio to d2l eager fp32);
+the PNG is a bar chart of the ratios.  Ratios come from rows of the same run: each row's d2l
+eager fp32 twin (same job key); a row whose twin did not run uses the baseline its benchmark
+measured itself (extra_info.baseline_s).  A ratio above 1 is faster than d2l.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import OrderedDict
+from datetime import datetime
+from typing import Dict, List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASELINE_IMPLS = ("d2l eager", "d2l-eager")
+E2E_ORDER = ("d2l-eager", "d2l-compile", "hf-sdpa", "fastbert-reference", "fastbert-cpp",
+             "fastbert-triton")
+OP_ORDER = ("d2l eager", "fastbert[reference]", "torch.compile(reference)", "fastbert[cpp]",
+            "fastbert[triton]")
+MODE_ORDER = ("fwd", "bwd", "fwd+bwd", "train", "infer")
+
+
+def load(path: str) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def rows_of(data: dict) -> List[dict]:
+    rows = []
+    for bench in data.get("benchmarks", []):
+        info = dict(bench.get("extra_info", {}))
+        stats = bench.get("stats") or {}
+        if "median" not in stats or "kind" not in info:
+            continue
+        info["median_s"] = stats["median"]
+        info["rounds"] = stats.get("rounds")
+        info["name"] = bench.get("name")
+        rows.append(info)
+    return rows
+
+
+def is_baseline_row(r: dict) -> bool:
+    """d2l eager fp32 doing exactly the job its key names (for ops: the key's own op)."""
+    key = r.get("baseline_key") or ""
+    if r.get("impl") not in BASELINE_IMPLS or r.get("dtype") != "fp32" or not key:
+        return False
+    return r["kind"] == "e2e" or key.split("/")[1] == r.get("op")
+
+
+def attach_ratios(rows: List[dict]) -> None:
+    """ratio = d2l eager fp32 median / row median, both from this JSON when possible."""
+    base: Dict[str, float] = {}
+    for r in rows:
+        if is_baseline_row(r):
+            base.setdefault(r["baseline_key"], r["median_s"])
+    for r in rows:
+        key = r.get("baseline_key")
+        denominator = base.get(key) if key else None
+        if denominator is None:
+            denominator = r.get("baseline_s")
+        r["ratio"] = denominator / r["median_s"] if denominator and r["median_s"] else None
+        flops, moved = r.get("flops"), r.get("bytes")
+        r["gflops_per_s"] = flops / r["median_s"] / 1e9 if flops else None
+        r["gb_per_s"] = moved / r["median_s"] / 1e9 if moved else None
+        r["examples_per_s"] = r["batch"] / r["median_s"] if r.get("batch") else None
+        r["tokens_per_s"] = r["valid_tokens"] / r["median_s"] if r.get("valid_tokens") else None
+
+
+def ceilings_of(rows: List[dict]) -> Dict[str, float]:
+    out: Dict[str, float] = {}
+    for r in rows:
+        if r["kind"] != "ceiling":
+            continue
+        if r.get("op") == "matmul" and r.get("gflops_per_s"):
+            name = f"matmul_{r['dtype']}"
+            out[name] = max(out.get(name, 0.0), r["gflops_per_s"])
+        elif r.get("op") == "copy" and r.get("gb_per_s"):
+            out["copy"] = max(out.get("copy", 0.0), r["gb_per_s"])
+    return out
+
+
+def pct_of_ceiling(r: dict, ceilings: Dict[str, float]) -> Optional[float]:
+    if r.get("gflops_per_s") and ceilings.get(f"matmul_{r['dtype']}"):
+        return 100.0 * r["gflops_per_s"] / ceilings[f"matmul_{r['dtype']}"]
+    if r.get("gb_per_s") and ceilings.get("copy"):
+        return 100.0 * r["gb_per_s"] / ceilings["copy"]
+    return None
+
+
+# ----------------------------------------------------------------------------- formatting
+def fmt(x: Optional[float], digits: int = 1, suffix: str = "") -> str:
+    if x is None:
+        return "—"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}{suffix}"
+    return f"{x:.{digits}f}{suffix}"
+
+
+def fmt_time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds * 1e6:.0f} µs"
+
+
+def throughput(r: dict) -> str:
+    if r.get("gflops_per_s") is not None:
+        return f"{fmt(r['gflops_per_s'])} GFLOP/s"
+    if r.get("gb_per_s") is not None:
+        return f"{fmt(r['gb_per_s'], 2)} GB/s"
+    return "—"
+
+
+def order_key(r: dict, order) -> tuple:
+    impl = r.get("impl", "")
+    return (order.index(impl) if impl in order else len(order), impl,
+            0 if r.get("dtype") == "fp32" else 1)
+
+
+def grouped(rows: List[dict], kind: str) -> "OrderedDict[tuple, List[dict]]":
+    groups: "OrderedDict[tuple, List[dict]]" = OrderedDict()
+    for r in rows:
+        if r["kind"] != kind:
+            continue
+        key = (r.get("op"), r.get("mode"), r.get("config"), r.get("batch"))
+        groups.setdefault(key, []).append(r)
+    return groups
+
+
+def machine_lines(data: dict) -> List[str]:
+    mi = data.get("machine_info", {})
+    fb = mi.get("fastbert", {})
+    versions = fb.get("versions", {})
+    lengths = fb.get("lengths", {})
+    when = data.get("datetime", "")
+    try:
+        when = datetime.fromisoformat(when).strftime("%Y-%m-%d %H:%M UTC")
+    except ValueError:
+        pass
+    commit = (data.get("commit_info") or {}).get("id", "")[:10] or fb.get("git_commit", "")
+    lines = [
+        f"- **Run**: {when}, fastbert commit `{commit}`"
+        + (" (quick: one round per benchmark, not a measurement)" if fb.get("quick_run") else "")
+        + (" (long set)" if fb.get("long_run") else " (default set)"),
+        f"- **Machine**: {fb.get('cpu_model', mi.get('processor', '?'))}, "
+        f"{fb.get('logical_cpus', '?')} logical CPUs, torch threads {fb.get('torch_threads', '?')}"
+        + (f", GPU {fb['cuda']}" if fb.get("cuda") else ", no GPU"),
+        f"- **Software**: Python {mi.get('python_version', '?')}, torch {versions.get('torch')}, "
+        f"transformers {versions.get('transformers')}, triton {versions.get('triton')}",
+        "- **Backends**: " + ", ".join(f"{k}: {v}" for k, v in fb.get("backends", {}).items()),
+        f"- **Lengths**: {lengths.get('source', '?')} ({lengths.get('pairs', '?')} pairs, mean "
+        f"{lengths.get('mean', '?')} valid tokens, padded to {lengths.get('padded_to', '?')})",
+    ]
+    return lines
+
+
+def markdown(data: dict, rows: List[dict], png_name: Optional[str]) -> str:
+    ceilings = ceilings_of(rows)
+    out = ["# fastbert benchmarks", "",
+           "Generated by `benchmarks/report.py` from `pytest benchmarks/ --benchmark-only "
+           "--benchmark-json out.json`. Everything below was measured in one run, side by side; "
+           "**ratio** = d2l 0.17.6 eager fp32 time / this time for the same job (> 1 is faster "
+           "than the book's code). GFLOP/s count useful work only (matmuls on valid tokens; "
+           "padding excluded; backward = 2x forward); GB/s count the minimal tensor traffic. "
+           "% of ceiling compares with the largest matmul (same dtype) or copy measured in this "
+           "run.", ""]
+    out += machine_lines(data) + [""]
+    if ceilings:
+        out += ["## Ceilings (this run)", "", "| limit | value |", "| --- | --- |"]
+        for name, value in sorted(ceilings.items()):
+            unit = "GB/s" if name == "copy" else "GFLOP/s"
+            label = "memory copy (read + write)" if name == "copy" else \
+                f"matmul {name.split('_')[1]} (best of torch.matmul, oneDNN linear)"
+            out.append(f"| {label} | {fmt(value)} {unit} |")
+        out.append("")
+    if png_name:
+        out += [f"![ratio to d2l eager fp32]({png_name})", ""]
+
+    e2e = grouped(rows, "e2e")
+    if e2e:
+        out += ["## End to end: SNLI fine-tuning train step and inference", "",
+                "Train step = forward + CrossEntropyLoss(reduction='none').sum() + backward + "
+                "Adam (the book's `train_batch_ch13`, dropout 0.2); inference = eval + no_grad. "
+                "bf16 = `torch.autocast` bf16. hf-sdpa = transformers "
+                "BertForSequenceClassification, same dims, SDPA attention. fastbert rows list "
+                "the ops that fell back to the reference backend.", ""]
+        for (op, mode, config, batch), group in e2e.items():
+            out += [f"### {'train step' if mode == 'train' else 'inference'} — {config}, "
+                    f"batch {batch}, padded length {group[0].get('seq_len')}", "",
+                    "| implementation | precision | median | examples/s | tokens/s | GFLOP/s "
+                    "| % of ceiling | ratio to d2l fp32 | notes |",
+                    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            for r in sorted(group, key=lambda r: order_key(r, E2E_ORDER)):
+                notes = ""
+                if r.get("falls_back"):
+                    notes = "reference for: " + ", ".join(r["falls_back"])
+                out.append(
+                    f"| {r['impl']} | {r['dtype']} | {fmt_time(r['median_s'])} | "
+                    f"{fmt(r['examples_per_s'])} | {fmt(r['tokens_per_s'], 0)} | "
+                    f"{fmt(r['gflops_per_s'])} | {fmt(pct_of_ceiling(r, ceilings), 1, '%')} | "
+                    f"{fmt(r['ratio'], 2, 'x')} | {notes} |")
+            out.append("")
+
+    ops = grouped(rows, "op")
+    if ops:
+        out += ["## Ops (fastbert.ops front door, one call)", "",
+                "fwd = forward under no_grad; bwd = backward alone (retained graph); fwd+bwd = "
+                "both. Skipped backends (cannot run the op here, e.g. triton without a GPU) "
+                "have no row. varlen_attention's ratio is against d2l's padded attention on the "
+                "same batch; pack/unpack have no d2l counterpart.", ""]
+        by_op: "OrderedDict[tuple, List[dict]]" = OrderedDict()
+        for (op, mode, config, batch), group in ops.items():
+            by_op.setdefault((op, config, batch), []).extend(group)
+        for (op, config, batch), group in by_op.items():
+            out += [f"### {op} — {config}, batch {batch}", "",
+                    "| mode | implementation | dtype | median | GFLOP/s or GB/s | % of ceiling "
+                    "| ratio to d2l fp32 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+            group = sorted(group, key=lambda r: (MODE_ORDER.index(r["mode"]),)
+                           + order_key(r, OP_ORDER))
+            for r in group:
+                out.append(f"| {r['mode']} | {r['impl']} | {r['dtype']} | "
+                           f"{fmt_time(r['median_s'])} | {throughput(r)} | "
+                           f"{fmt(pct_of_ceiling(r, ceilings), 1, '%')} | "
+                           f"{fmt(r['ratio'], 2, 'x')} |")
+            out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def chart(rows: List[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    e2e = [r for r in rows if r["kind"] == "e2e" and r.get("ratio")]
+    if e2e:
+        panels.append(("end to end", sorted(e2e, key=lambda r: (
+            MODE_ORDER.index(r["mode"]), r.get("config"), r.get("batch"))
+            + order_key(r, E2E_ORDER)), lambda r: f"{r['mode']} {r['config']} b{r['batch']} "
+            f"{r['impl']} {r['dtype']}"))
+    ops = [r for r in rows if r["kind"] == "op" and r.get("ratio") and r["mode"] == "fwd+bwd"]
+    if ops:
+        panels.append(("ops, forward+backward", sorted(ops, key=lambda r: (
+            r["op"], r.get("config"), r.get("batch")) + order_key(r, OP_ORDER)),
+            lambda r: f"{r['op']} {r['config']} b{r['batch']} {r['impl']} {r['dtype']}"))
+    if not panels:
+        return
+    heights = [max(2.0, 0.22 * len(p[1]) + 1.0) for p in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, sum(heights)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, (title, items, label) in zip(axes[:, 0], panels):
+        ratios = [r["ratio"] for r in items]
+        colors = ["#999999" if r["impl"] in BASELINE_IMPLS or r["impl"].startswith("d2l")
+                  else "#d62728" if r["impl"].startswith("hf") else "#1f77b4" for r in items]
+        y = list(range(len(items)))[::-1]
+        ax.barh(y, ratios, color=colors)
+        ax.set_yticks(y)
+        ax.set_yticklabels([label(r) for r in items], fontsize=7)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("speed relative to d2l 0.17.6 eager fp32 (log scale, > 1 is faster)")
+        ax.set_title(title)
+        for yi, ratio in zip(y, ratios):
+            ax.text(ratio, yi, f" {ratio:.2f}x", va="center", fontsize=6)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("json", help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("--md", default=os.path.join(REPO, "docs", "benchmarks.md"))
+    parser.add_argument("--png", default=os.path.join(REPO, "docs", "benchmarks.png"))
+    args = parser.parse_args(argv)
+    data = load(args.json)
+    rows = rows_of(data)
+    if not rows:
+        raise SystemExit(f"{args.json}: no benchmark of this suite in it")
+    attach_ratios(rows)
+    png_name = None
+    if args.png:
+        chart(rows, args.png)
+        if os.path.exists(args.png):
+            png_name = os.path.relpath(args.png, os.path.dirname(os.path.abspath(args.md)))
+    os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
+    with open(args.md, "w") as fh:
+        fh.write(markdown(data, rows, png_name))
+    print(f"wrote {args.md}" + (f" and {args.png}" if png_name else ""))
+
+
+if __name__ == "__main__":
+    main()
