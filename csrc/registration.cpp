@@ -45,6 +45,20 @@ TORCH_LIBRARY(fastbert, m) {
   m.def("unpack(Tensor packed, Tensor cu_seqlens, SymInt L) -> Tensor");
   m.def("pack_rows(Tensor X, Tensor cu_seqlens, SymInt T) -> Tensor");
 
+  // mlm_loss: the MLM head (gather, Linear-ReLU-LayerNorm, Linear to the vocab) and its
+  // cross-entropy on the real slots (weight > 0) only, vocab in chunks of `chunk` columns
+  // (online logsumexp; the [slots, V] logits never exist).  positions, labels [B, P] int64;
+  // weights [B, P] fp32 (fp64 for fp64).  loss = sum w_i CE_i / sum w_i (0 if no real slot),
+  // lse[B, P] the per-slot logsumexp (0 at pads), both fp32 (fp64 for fp64 input).
+  m.def("mlm_loss(Tensor X, Tensor positions, Tensor weights, Tensor labels, Tensor w1, "
+        "Tensor b1, Tensor ln_weight, Tensor ln_bias, Tensor w2, Tensor b2, float eps, "
+        "int chunk) -> (Tensor loss, Tensor lse)");
+  m.def("mlm_loss_backward(Tensor grad_loss, Tensor? grad_lse, Tensor X, Tensor positions, "
+        "Tensor weights, Tensor labels, Tensor w1, Tensor b1, Tensor ln_weight, "
+        "Tensor ln_bias, Tensor w2, Tensor b2, float eps, int chunk, Tensor lse) -> "
+        "(Tensor grad_X, Tensor grad_w1, Tensor grad_b1, Tensor grad_ln_weight, "
+        "Tensor grad_ln_bias, Tensor grad_w2, Tensor grad_b2)");
+
 #ifdef FASTBERT_CUDA
   // Present only in a build with the CUDA kernels: fastbert/backends/cpp/__init__.py asks
   // torch.ops.fastbert._cuda_built to decide whether the cpp backend serves CUDA tensors.
