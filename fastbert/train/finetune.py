@@ -10,6 +10,7 @@ Library use::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -183,15 +184,15 @@ def finetune(cfg: Optional[FinetuneConfig] = None, **overrides) -> Dict[str, Any
     cfg = dataclasses.replace(cfg or FinetuneConfig(), **overrides)
     dist = setup_distributed(cfg.device)
     try:
-        return _finetune(cfg, dist)
+        # The backend choice holds for this run only.
+        with (backends.use_backend(cfg.backend) if cfg.backend else contextlib.nullcontext()):
+            return _finetune(cfg, dist)
     finally:
         cleanup_distributed(dist)
 
 
 def _finetune(cfg: FinetuneConfig, dist) -> Dict[str, Any]:
     device = resolve_device(cfg.device, dist)
-    if cfg.backend:
-        backends.set_backend(cfg.backend)
     main = dist.is_main
     say = print if (main and cfg.verbose) else (lambda *a, **k: None)
     seed_everything(cfg.seed)

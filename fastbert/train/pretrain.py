@@ -10,6 +10,7 @@ Library use::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -97,15 +98,15 @@ def pretrain(cfg: Optional[PretrainConfig] = None, **overrides) -> Dict[str, Any
         raise ValueError(f"--mlm-loss must be book or real-slots, got {cfg.mlm_loss!r}")
     dist = setup_distributed(cfg.device)
     try:
-        return _pretrain(cfg, dist)
+        # The backend choice holds for this run only.
+        with (backends.use_backend(cfg.backend) if cfg.backend else contextlib.nullcontext()):
+            return _pretrain(cfg, dist)
     finally:
         cleanup_distributed(dist)
 
 
 def _pretrain(cfg: PretrainConfig, dist) -> Dict[str, Any]:
     device = resolve_device(cfg.device, dist)
-    if cfg.backend:
-        backends.set_backend(cfg.backend)
     main = dist.is_main
     say = print if (main and cfg.verbose) else (lambda *a, **k: None)
     seed_everything(cfg.seed)
