@@ -34,6 +34,8 @@ def _run_options(p: argparse.ArgumentParser, defaults) -> None:
                    help="keep every batch padded to --max-len")
     g.add_argument("--no-progress", dest="progress", action="store_false")
     g.add_argument("--num-workers", type=int, default=defaults.num_workers)
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process (torch.set_num_threads)")
     g.add_argument("--quiet", dest="verbose", action="store_false")
 
 

@@ -182,3 +182,13 @@ def test_cli_bad_data_is_a_clear_error(tmp_path, capsys):
     assert ":2: expected 3 tab-separated columns" in capsys.readouterr().err
     assert main(["pretrain", "--data-dir", str(tmp_path)]) == 2
     assert "no WikiText-2 'train' file" in capsys.readouterr().err
+
+
+def test_finetune_from_hugging_face_folder_dispatches_to_hf(tmp_path):
+    from test_hf import synthetic_config, synthetic_state, write_checkpoint
+    path = write_checkpoint(tmp_path / "hf", synthetic_state(), synthetic_config())
+    r = ft(pretrained=path, max_len=20, train_limit=64, test_limit=32, batch_size=32,
+           epochs=1, num_hiddens=16)
+    assert r["tokenizer"] is not None and r["vocab"] is None
+    assert r["model"].encoder.embedding_norm is not None  # BERT's layout, from fastbert.hf
+    assert len(r["steps"]) == 2 and r["test_acc"] is not None

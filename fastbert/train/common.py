@@ -18,7 +18,7 @@ import torch.distributed as tdist
 __all__ = ["RunConfig", "DistInfo", "setup_distributed", "cleanup_distributed",
            "seed_everything", "autocast", "make_grad_scaler", "rng_state", "set_rng_state",
            "save_checkpoint", "load_checkpoint", "MetricsLog", "progress", "Timer",
-           "resolve_device", "all_reduce_sum", "find_resume_checkpoint"]
+           "resolve_device", "all_reduce_sum", "find_resume_checkpoint", "cpu_threads"]
 
 
 @dataclasses.dataclass
@@ -39,6 +39,7 @@ class RunConfig:
     trim: bool = True                  # cut padding columns beyond a batch's longest example
     progress: bool = True              # tqdm bar (rank 0)
     num_workers: int = 0
+    threads: Optional[int] = None      # torch.set_num_threads for this run (CPU)
     verbose: bool = True
 
 
@@ -95,6 +96,21 @@ def all_reduce_sum(t: torch.Tensor, dist: DistInfo) -> torch.Tensor:
     if dist.enabled:
         tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
     return t
+
+
+@contextlib.contextmanager
+def cpu_threads(n: Optional[int]):
+    """``torch.set_num_threads(n)`` for the duration (None: leave it).  On a shared CPU one
+    thread per process is often much faster for small models (no spinning hand-offs)."""
+    if not n:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def seed_everything(seed: int) -> None:

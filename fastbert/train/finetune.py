@@ -26,10 +26,10 @@ from ..data.paths import default_data_dir
 from ..data.snli import SNLIBERTDataset, load_snli_split, snli_vocab
 from ..data.vocab import Vocab
 from ..hub import DATA_HUB, infer_bert_config, load_pretrained_model, resolve_pretrained_dir
-from .common import (MetricsLog, RunConfig, Timer, all_reduce_sum, autocast, cleanup_distributed,
-                     find_resume_checkpoint, load_checkpoint, make_grad_scaler, progress,
-                     resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state,
-                     setup_distributed)
+from .common import (MetricsLog, RunConfig, Timer, all_reduce_sum, autocast,
+                     cleanup_distributed, cpu_threads, find_resume_checkpoint, load_checkpoint,
+                     make_grad_scaler, progress, resolve_device, rng_state, save_checkpoint,
+                     seed_everything, set_rng_state, setup_distributed)
 
 __all__ = ["FinetuneConfig", "finetune", "PairDataset", "build_finetune_model",
            "prepare_snli_datasets", "evaluate_accuracy"]
@@ -185,7 +185,8 @@ def finetune(cfg: Optional[FinetuneConfig] = None, **overrides) -> Dict[str, Any
     dist = setup_distributed(cfg.device)
     try:
         # The backend choice holds for this run only.
-        with (backends.use_backend(cfg.backend) if cfg.backend else contextlib.nullcontext()):
+        with (backends.use_backend(cfg.backend) if cfg.backend else contextlib.nullcontext()), \
+                cpu_threads(cfg.threads):
             return _finetune(cfg, dist)
     finally:
         cleanup_distributed(dist)

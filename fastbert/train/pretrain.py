@@ -25,10 +25,10 @@ from ..bert import BERTModel
 from ..data.batching import GlobalBatchSampler, trim_collate
 from ..data.paths import default_data_dir
 from ..data.wiki import WikiTextDataset, read_wiki
-from .common import (MetricsLog, RunConfig, Timer, all_reduce_sum, autocast, cleanup_distributed,
-                     find_resume_checkpoint, load_checkpoint, make_grad_scaler, progress,
-                     resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state,
-                     setup_distributed)
+from .common import (MetricsLog, RunConfig, Timer, all_reduce_sum, autocast,
+                     cleanup_distributed, cpu_threads, find_resume_checkpoint, load_checkpoint,
+                     make_grad_scaler, progress, resolve_device, rng_state, save_checkpoint,
+                     seed_everything, set_rng_state, setup_distributed)
 
 __all__ = ["PretrainConfig", "pretrain", "PretrainLoss", "batch_loss_bert"]
 
@@ -99,7 +99,8 @@ def pretrain(cfg: Optional[PretrainConfig] = None, **overrides) -> Dict[str, Any
     dist = setup_distributed(cfg.device)
     try:
         # The backend choice holds for this run only.
-        with (backends.use_backend(cfg.backend) if cfg.backend else contextlib.nullcontext()):
+        with (backends.use_backend(cfg.backend) if cfg.backend else contextlib.nullcontext()), \
+                cpu_threads(cfg.threads):
             return _pretrain(cfg, dist)
     finally:
         cleanup_distributed(dist)
