@@ -158,10 +158,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_cpu(
   const auto b = affine_param(bias, x, op, "bias");
   const at::Tensor xc = x.contiguous(), yc = y.contiguous();
   const int64_t C = x.size(-1), rows = x.numel() / C;
-  at::Tensor out = at::empty_like(xc);
+  at::Tensor out = poison_if_testing(at::empty_like(xc));
   const auto stat_sizes = x.sizes().slice(0, x.dim() - 1);
-  at::Tensor mean = at::empty(stat_sizes, x.options().dtype(opmath_dtype(x.scalar_type())));
-  at::Tensor rstd = at::empty_like(mean);
+  at::Tensor mean = poison_if_testing(at::empty(stat_sizes, x.options().dtype(opmath_dtype(x.scalar_type()))));
+  at::Tensor rstd = poison_if_testing(at::empty_like(mean));
   if (rows == 0) return {out, mean, rstd};
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "add_layernorm_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -191,7 +191,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layernorm_backwar
                 " ", acc, " values (one per row, from the forward), got ", t->sizes(), " ", t->scalar_type());
   const at::Tensor dout = grad_out.contiguous(), xc = x.contiguous(), yc = y.contiguous();
   const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
-  at::Tensor dx = at::empty_like(xc), dy = at::empty_like(xc);
+  at::Tensor dx = poison_if_testing(at::empty_like(xc));
+  at::Tensor dy = poison_if_testing(at::empty_like(xc));
   // Fixed-size chunks (independent of the thread count) keep dweight/dbias deterministic.
   const int64_t rows_per_chunk = std::max<int64_t>(16, (rows + 255) / 256);
   const int64_t chunks = std::max<int64_t>(1, (rows + rows_per_chunk - 1) / rows_per_chunk);
@@ -217,8 +218,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layernorm_backwar
   });
   const at::ScalarType param_dtype =
       (weight.has_value() && weight->defined()) ? weight->scalar_type() : x.scalar_type();
-  at::Tensor dweight = dw_partial[0].to(param_dtype);
-  at::Tensor dbias = db_partial[0].to(param_dtype);
+  // copy=true: never hand out a view into the partials buffer.
+  at::Tensor dweight = dw_partial[0].to(param_dtype, /*non_blocking=*/false, /*copy=*/true);
+  at::Tensor dbias = db_partial[0].to(param_dtype, /*non_blocking=*/false, /*copy=*/true);
   return {dx, dy, dweight, dbias};
 }
 
@@ -229,7 +231,7 @@ at::Tensor dropout_mask_cpu(const at::Tensor& seed, at::IntArrayRef shape, doubl
               ": seed must be a 0-d int64 CPU tensor, got ", seed.scalar_type(), " of shape ",
               seed.sizes());
   const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
-  at::Tensor mask = at::empty(shape, seed.options().dtype(at::kBool));
+  at::Tensor mask = poison_if_testing(at::empty(shape, seed.options().dtype(at::kBool)));
   bool* m = mask.data_ptr<bool>();
   const float pf = static_cast<float>(p);
   at::parallel_for(0, mask.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {

@@ -36,7 +36,7 @@ at::Tensor gather_positions_cpu(const at::Tensor& X, const at::Tensor& positions
   check_positions(positions, B, L, op);
   const int64_t P = positions.size(1);
   const at::Tensor Xc = X.contiguous(), pc = positions.contiguous();
-  at::Tensor out = at::empty({B, P, C}, X.options());
+  at::Tensor out = poison_if_testing(at::empty({B, P, C}, X.options()));
   if (out.numel() == 0) return out;
   const int64_t* pos = pc.data_ptr<int64_t>();
   const char* src = static_cast<const char*>(Xc.data_ptr());
@@ -89,7 +89,7 @@ at::Tensor gather_positions_backward_cpu(const at::Tensor& grad_out, const at::T
   TORCH_CHECK(positions.size(1) == P, op, ": positions must be [", B, ", ", P, "] like grad_out, got ",
               positions.sizes());
   const at::Tensor g = grad_out.contiguous(), pc = positions.contiguous();
-  at::Tensor dX = at::empty({B, L, C}, grad_out.options());
+  at::Tensor dX = poison_if_testing(at::empty({B, L, C}, grad_out.options()));
   if (dX.numel() == 0) return dX;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_out.scalar_type(), "gather_positions_backward_cpu", [&] {
     scatter_add_rows<scalar_t>(g.data_ptr<scalar_t>(), pc.data_ptr<int64_t>(), dX.data_ptr<scalar_t>(),

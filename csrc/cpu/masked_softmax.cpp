@@ -109,7 +109,7 @@ at::Tensor masked_softmax_cpu(const at::Tensor& X, const std::optional<at::Tenso
   TORCH_CHECK(X.dim() == 3, op, ": X must be [N, Lq, Lk], got shape ", X.sizes());
   const RowLens lens = row_lens(X, valid_lens, op);
   const at::Tensor Xc = X.contiguous();
-  at::Tensor Y = at::empty_like(Xc);
+  at::Tensor Y = poison_if_testing(at::empty_like(Xc));
   if (Y.numel() == 0) return Y;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, X.scalar_type(), "masked_softmax_cpu", [&] {
     softmax_rows<scalar_t>(Xc.data_ptr<scalar_t>(), Y.data_ptr<scalar_t>(), lens,
@@ -129,7 +129,7 @@ at::Tensor masked_softmax_backward_cpu(const at::Tensor& grad_out, const at::Ten
               grad_out.sizes(), ", ", grad_out.scalar_type());
   const RowLens lens = row_lens(out, valid_lens, op);
   const at::Tensor dY = grad_out.contiguous(), Y = out.contiguous();
-  at::Tensor dX = at::empty_like(Y);
+  at::Tensor dX = poison_if_testing(at::empty_like(Y));
   if (dX.numel() == 0) return dX;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "masked_softmax_backward_cpu", [&] {
     softmax_backward_rows<scalar_t>(dY.data_ptr<scalar_t>(), Y.data_ptr<scalar_t>(),

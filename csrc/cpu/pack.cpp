@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> pack_cpu(const at::Tensor& X, const at::Tenso
               ",), got ", valid_lens.sizes());
   const at::Tensor vl = valid_lens.contiguous();
   const int32_t* lens = vl.data_ptr<int32_t>();
-  at::Tensor cu = at::empty({B + 1}, vl.options());
+  at::Tensor cu = poison_if_testing(at::empty({B + 1}, vl.options()));
   int32_t* off = cu.data_ptr<int32_t>();
   off[0] = 0;
   for (int64_t b = 0; b < B; ++b) {
@@ -82,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> pack_cpu(const at::Tensor& X, const at::Tenso
   shape.erase(shape.begin());
   shape[0] = off[B];
   const at::Tensor Xc = X.contiguous();
-  at::Tensor packed = at::empty(shape, X.options());
+  at::Tensor packed = poison_if_testing(at::empty(shape, X.options()));
   if (packed.numel() > 0)
     copy_sequences(cu, L, row_bytes_of(X, 2), static_cast<char*>(Xc.data_ptr()),
                    static_cast<char*>(packed.data_ptr()), /*to_packed=*/true);
@@ -100,7 +100,7 @@ at::Tensor pack_rows_cpu(const at::Tensor& X, const at::Tensor& cu_seqlens, int6
   shape.erase(shape.begin());
   shape[0] = T;
   const at::Tensor Xc = X.contiguous(), cu = cu_seqlens.contiguous();
-  at::Tensor packed = at::empty(shape, X.options());
+  at::Tensor packed = poison_if_testing(at::empty(shape, X.options()));
   if (packed.numel() > 0)
     copy_sequences(cu, X.size(1), row_bytes_of(X, 2), static_cast<char*>(Xc.data_ptr()),
                    static_cast<char*>(packed.data_ptr()), /*to_packed=*/true);
@@ -117,7 +117,7 @@ at::Tensor unpack_cpu(const at::Tensor& packed, const at::Tensor& cu_seqlens, in
   std::vector<int64_t> shape{B, L};
   shape.insert(shape.end(), packed.sizes().begin() + 1, packed.sizes().end());
   const at::Tensor pc = packed.contiguous(), cu = cu_seqlens.contiguous();
-  at::Tensor out = at::empty(shape, packed.options());
+  at::Tensor out = poison_if_testing(at::empty(shape, packed.options()));
   if (out.numel() > 0)
     copy_sequences(cu, L, row_bytes_of(packed, 1), static_cast<char*>(out.data_ptr()),
                    static_cast<char*>(pc.data_ptr()), /*to_packed=*/false);

@@ -65,6 +65,15 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
 torch.library.register_autograd("fastbert::add_layernorm", _backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("fastbert::add_layernorm_backward: double backward is not implemented (use the "
+                              "reference backend for higher-order gradients)")
+
+
+# Without an autograd kernel a double backward would silently treat the backward as constant.
+torch.library.register_autograd("fastbert::add_layernorm_backward", _no_double_backward)
+
+
 def add_layernorm(x, y, weight, bias, eps: float, dropout_p: float = 0.0, seed=None):
     if dropout_p > 0 and seed is None:
         seed = _front.dropout_seed(dropout_p)

@@ -35,6 +35,15 @@ def _backward(ctx, grad_out):
 torch.library.register_autograd("fastbert::masked_softmax", _backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("fastbert::masked_softmax_backward: double backward is not implemented (use the "
+                              "reference backend for higher-order gradients)")
+
+
+# Without an autograd kernel a double backward would silently treat the backward as constant.
+torch.library.register_autograd("fastbert::masked_softmax_backward", _no_double_backward)
+
+
 def masked_softmax(X: torch.Tensor, valid_lens):
     return _ops.masked_softmax(X, valid_lens)
 

@@ -1,0 +1,210 @@
+"""add_layernorm (``layer_norm(dropout(y) + x)``, d2l's AddNorm) on every fast backend vs
+the float64 reference, forward and backward, with and without dropout.
+
+With dropout the test asks the backend for the keep mask its kernels draw for the seed and
+applies the same mask to the reference.  Reference: fastbert/backends/reference.py.  Kernels:
+csrc/cpu/add_layernorm.cpp (cpp), kernels/add_layernorm.py (triton).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastbert import ops
+
+from op_testing import FAST_BACKENDS, assert_close, device_for, dtypes_for, on_backend
+
+# x shapes [..., C]: length 1, odd, non-power-of-two, the book's 128 hidden and BERT-small's 256.
+SHAPES = [(1, 1), (3, 7), (2, 5, 33), (2, 3, 128), (5, 256)]
+BACKEND_DTYPES = [pytest.param(b, d, id=f"{b}-{str(d)[6:]}") for b in FAST_BACKENDS for d in dtypes_for(b)]
+EPS = 1e-5
+
+
+def keep_mask(backend, seed, shape, p, device):
+    """The bool keep mask ``backend``'s kernels draw for an output of ``shape``."""
+    if backend == "cpp":
+        return torch.ops.fastbert.dropout_mask(seed, list(shape), p).to(device)
+    from fastbert.kernels.add_layernorm import dropout_keep_mask
+    return dropout_keep_mask(shape, p, seed, device)
+
+
+def reference_with_mask(x, y, w, b, mask, p):
+    """The reference's arithmetic with a given keep mask in place of F.dropout's draw."""
+    y = y * mask / (1 - p) if p > 0 else y
+    return F.layer_norm(y + x, (x.shape[-1],), w, b, EPS)
+
+
+def _grads(fn, inputs, dout):
+    inputs = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, [t for t in inputs if t is not None], dout)
+    return out, grads
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """C++ kernels fill their outputs with NaN before writing (csrc/cpu/cpu_common.h)."""
+    monkeypatch.setenv("FASTBERT_POISON_OUTPUTS", "1")
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["nodrop", "drop0.3"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+def test_forward_backward_matches_reference(backend, dtype, shape, p, affine, poisoned):
+    if not affine and (p > 0 or shape[-1] != 33):  # None weight/bias: one shape is enough
+        pytest.skip("weight/bias None is covered on one shape")
+    device = device_for(backend)
+    C = shape[-1]
+    x = torch.randn(shape, device=device).to(dtype)
+    y = torch.randn(shape, device=device).to(dtype)
+    w = (1 + 0.5 * torch.randn(C, device=device)).to(dtype) if affine else None
+    b = (0.5 * torch.randn(C, device=device)).to(dtype) if affine else None
+    dout = torch.randn(shape, device=device).to(dtype)
+    seed = torch.tensor(20261122, dtype=torch.int64) if p > 0 else None
+    with on_backend(backend, "add_layernorm", device, dtype):
+        out, grads = _grads(lambda x_, y_, w_, b_: ops.add_layernorm(x_, y_, w_, b_, EPS, p, seed),
+                            [x, y, w, b], dout)
+    mask = keep_mask(backend, seed, shape, p, device) if p > 0 else torch.ones(shape, dtype=torch.bool,
+                                                                                device=device)
+    as64 = lambda t: None if t is None else t.double()
+    ref = lambda x_, y_, w_, b_: reference_with_mask(x_, y_, w_, b_, mask, p)
+    out64, grads64 = _grads(ref, [as64(t) for t in (x, y, w, b)], dout.double())
+    outlp, gradslp = _grads(ref, [x, y, w, b], dout)
+    assert_close(out, out64, outlp, name="add_layernorm forward")
+    for name, g, g64, glp in zip(("dx", "dy", "dweight", "dbias"), grads, grads64, gradslp):
+        assert g.dtype == dtype, name
+        assert_close(g, g64, glp, name=f"add_layernorm {name}")
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_dropout_keep_rate_and_scaling(backend):
+    """Keep rate ~ 1-p, masks differ between seeds, kept values are scaled by 1/(1-p): the
+    backward gives dy = dx * keep / (1 - p) (dz flows to x as is, to y through dropout)."""
+    device, dtype, p = device_for(backend), torch.float32, 0.3
+    shape = (64, 256)
+    seed = torch.tensor(7, dtype=torch.int64)
+    mask = keep_mask(backend, seed, shape, p, device)
+    n = mask.numel()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(mask.float().mean().item() - (1 - p)) < 5 * sigma
+    # Per column too: a counter RNG that ignored part of the index would fail here.
+    assert (mask.float().mean(0) - (1 - p)).abs().max().item() < 5 * (p * (1 - p) / 64) ** 0.5
+    other = keep_mask(backend, torch.tensor(8, dtype=torch.int64), shape, p, device)
+    agree = (mask == other).float().mean().item()
+    assert abs(agree - (p * p + (1 - p) ** 2)) < 5 * sigma * 2
+    x = torch.randn(shape, device=device, requires_grad=True)
+    y = torch.randn(shape, device=device, requires_grad=True)
+    with on_backend(backend, "add_layernorm", device, dtype):
+        out = ops.add_layernorm(x, y, None, None, EPS, p, seed)
+        out.backward(torch.randn(shape, device=device))
+    torch.testing.assert_close(y.grad, x.grad * mask / (1 - p), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_same_seed_same_output(backend):
+    device = device_for(backend)
+    x, y = torch.randn(4, 33, device=device), torch.randn(4, 33, device=device)
+    with on_backend(backend, "add_layernorm", device, torch.float32):
+        a = ops.add_layernorm(x, y, None, None, EPS, 0.5, torch.tensor(3))
+        b = ops.add_layernorm(x, y, None, None, EPS, 0.5, torch.tensor(3))
+        c = ops.add_layernorm(x, y, None, None, EPS, 0.5, torch.tensor(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_gradcheck_float64_kernel():
+    """The C++ kernels take float64: gradcheck with and without dropout (fixed seed)."""
+    pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
+    op = torch.ops.fastbert.add_layernorm
+    for p, seed in ((0.0, None), (0.4, torch.tensor(11))):
+        inputs = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in ((2, 3, 6), (2, 3, 6), (6,), (6,))]
+        assert torch.autograd.gradcheck(lambda x, y, w, b: op(x, y, w, b, EPS, p, seed)[0], inputs)
+
+
+def test_cpp_mixed_dtype_weight():
+    """bf16 activations with fp32 LayerNorm parameters (e.g. autocast-style mixes)."""
+    pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
+    x, y = torch.randn(3, 16).bfloat16(), torch.randn(3, 16).bfloat16()
+    w = torch.randn(16, requires_grad=True)
+    b = torch.randn(16, requires_grad=True)
+    out = torch.ops.fastbert.add_layernorm(x, y, w, b, EPS, 0.0, None)[0]
+    out.float().sum().backward()
+    ref = F.layer_norm(x.double() + y.double(), (16,), w.double(), b.double(), EPS)
+    assert out.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    assert (out.double() - ref).abs().max() < 0.05
+
+
+def test_opcheck():
+    pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
+    fb = torch.ops.fastbert
+    seed = torch.tensor(5, dtype=torch.int64)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 3, 10, dtype=dtype, requires_grad=True)
+        y = torch.randn(2, 3, 10, dtype=dtype, requires_grad=True)
+        w = torch.randn(10, dtype=dtype, requires_grad=True)
+        b = torch.randn(10, dtype=dtype, requires_grad=True)
+        for args in ((x, y, w, b, EPS, 0.0, None), (x, y, w, b, EPS, 0.25, seed),
+                     (x, y, None, None, EPS, 0.0, None)):
+            torch.library.opcheck(fb.add_layernorm.default, args)
+        _, mean, rstd = fb.add_layernorm(x, y, w, b, EPS, 0.25, seed)
+        torch.library.opcheck(fb.add_layernorm_backward.default,
+                              (torch.randn_like(x), x.detach(), y.detach(), w.detach(), mean.detach(),
+                               rstd.detach(), 0.25, seed))
+    torch.library.opcheck(fb.dropout_mask.default, (seed, [3, 5], 0.5))
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+def test_compile_fullgraph(backend, dtype):
+    device = device_for(backend)
+    torch._dynamo.reset()
+    seed = torch.tensor(99, dtype=torch.int64)
+
+    def f(x, y, w, b, seed):
+        return ops.add_layernorm(x, y, w, b, EPS, 0.2, seed) * 2
+
+    x, y = torch.randn(2, 5, 24, device=device).to(dtype), torch.randn(2, 5, 24, device=device).to(dtype)
+    w, b = torch.randn(24, device=device).to(dtype), torch.randn(24, device=device).to(dtype)
+    results = []
+    with on_backend(backend, "add_layernorm", device, dtype):
+        for fn in (torch.compile(f, fullgraph=True), f):
+            inputs = [t.clone().requires_grad_() for t in (x, y, w, b)]
+            out = fn(*inputs, seed)
+            out.float().sum().backward()
+            results.append([out] + [t.grad for t in inputs])
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e)
+
+
+# ------------------------------------------------------------------ bad input (the C++ op itself)
+def _xy(shape=(2, 4)):
+    return torch.randn(shape), torch.randn(shape)
+
+
+@pytest.mark.parametrize("make_args,match", [
+    (lambda: (*_xy(), None, None, EPS, 0.0, None), None),  # valid: the control
+    (lambda: (torch.randn(2, 4).half(), torch.randn(2, 4).half(), None, None, EPS, 0.0, None), "float32, bfloat16"),
+    (lambda: (torch.randn(2, 4), torch.randn(2, 5), None, None, EPS, 0.0, None), "same shape"),
+    (lambda: (torch.randn(2, 4), torch.randn(2, 4).double(), None, None, EPS, 0.0, None), "share dtype"),
+    (lambda: (*_xy(), torch.randn(5), None, EPS, 0.0, None), r"weight must have shape \(4,\)"),
+    (lambda: (*_xy(), None, torch.randn(4, 1), EPS, 0.0, None), r"bias must have shape \(4,\)"),
+    (lambda: (*_xy(), None, None, EPS, 0.5, None), "needs a seed"),
+    (lambda: (*_xy(), None, None, EPS, 0.5, torch.tensor(1.0)), "0-d int64 CPU"),
+    (lambda: (*_xy(), None, None, EPS, 1.0, torch.tensor(1)), r"\[0, 1\)"),
+    (lambda: (torch.randn(2, 0), torch.randn(2, 0), None, None, EPS, 0.0, None), "non-empty last axis"),
+])
+def test_cpp_bad_input(make_args, match):
+    pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
+    if match is None:
+        torch.ops.fastbert.add_layernorm(*make_args())
+        return
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fastbert.add_layernorm(*make_args())
+
+
+def test_cpp_backward_bad_input():
+    pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
+    x, y = _xy()
+    _, mean, rstd = torch.ops.fastbert.add_layernorm(x, y, None, None, EPS, 0.0, None)
+    with pytest.raises(RuntimeError, match="grad_out must match"):
+        torch.ops.fastbert.add_layernorm_backward(torch.randn(2, 5), x, y, None, mean, rstd, 0.0, None)
+    with pytest.raises(RuntimeError, match="one per row"):
+        torch.ops.fastbert.add_layernorm_backward(torch.randn(2, 4), x, y, None, mean[:1], rstd, 0.0, None)
