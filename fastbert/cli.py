@@ -14,7 +14,10 @@ def _run_options(p: argparse.ArgumentParser, defaults) -> None:
     g.add_argument("--epochs", type=int, default=defaults.epochs)
     g.add_argument("--batch-size", type=int, default=defaults.batch_size,
                    help="global batch size (split across torchrun processes)")
-    g.add_argument("--lr", type=float, default=defaults.lr)
+    g.add_argument("--lr", type=float, default=defaults.lr,
+                   help="Adam learning rate" + (" (default: 1e-4 with --pretrained as in the "
+                                                "book, 5e-4 for a fresh model)"
+                                                if defaults.lr is None else ""))
     g.add_argument("--seed", type=int, default=defaults.seed)
     g.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
     g.add_argument("--amp", choices=["off", "bf16", "fp16"], default=defaults.amp,

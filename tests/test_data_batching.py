@@ -38,8 +38,13 @@ def test_ranks_partition_the_global_batch_and_resume_skips():
         assert sum((p[i] for p in per_rank), []) == b
     one.set_epoch(0, start_step=4)
     assert list(one) == whole[4:] and len(one) == 7
-    # A last batch smaller than the world cannot feed every rank: dropped.
+    # A last batch smaller than the world cannot feed every rank: dropped in training,
+    # kept for evaluation, where a rank without an example skips it.
     assert len(GlobalBatchSampler(21, 10, rank=0, world_size=3).global_batches()) == 2
+    ev = [list(GlobalBatchSampler(21, 10, shuffle=False, rank=r, world_size=3,
+                                  keep_uneven=True)) for r in range(3)]
+    assert [len(e) for e in ev] == [3, 2, 2] and ev[0][-1] == [20]
+    assert sorted(i for e in ev for b in e for i in b) == list(range(21))
     with pytest.raises(ValueError, match="at least the number of processes"):
         GlobalBatchSampler(10, 2, world_size=3)
 

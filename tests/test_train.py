@@ -98,6 +98,8 @@ def test_resume_is_exact_pretrain(tmp_path):
     resumed = pt(max_steps=9, out_dir=str(tmp_path), resume="auto", **kw)
     _same_params(params(full["model"]), params(resumed["model"]))
     assert [s["mlm_loss"] for s in resumed["steps"]] == [s["mlm_loss"] for s in full["steps"]]
+    with pytest.raises(ValueError, match="not a fine-tuning checkpoint"):
+        ft(out_dir=str(tmp_path), resume="auto", train_limit=32, test_limit=8)
 
 
 @pytest.mark.parametrize("backend", ["reference", None])  # None: the default, auto

@@ -28,7 +28,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     def __init__(self, num_examples: int, batch_size: int, *, shuffle: bool = True,
                  seed: int = 0, drop_last: bool = False, lengths: Optional[Sequence[int]] = None,
                  bucket: bool = False, bucket_chunk: int = 50, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, keep_uneven: bool = False):
         if batch_size < world_size:
             raise ValueError(f"the global batch size ({batch_size}) must be at least the "
                              f"number of processes ({world_size})")
@@ -38,6 +38,9 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         self.drop_last, self.bucket, self.bucket_chunk = drop_last, bucket, bucket_chunk
         self.lengths = None if lengths is None else np.asarray(lengths)
         self.rank, self.world_size = rank, world_size
+        # keep_uneven (evaluation): keep a last batch smaller than the world; ranks left
+        # without an example skip it (no collective runs per batch there).
+        self.keep_uneven = keep_uneven
         self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -60,15 +63,18 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         else:
             batches = [order[i:i + bs] for i in range(0, self.n, bs)]
         # A short batch is dropped when asked, or when it cannot give every rank an example.
-        return [b for b in batches
-                if len(b) == bs or not (self.drop_last or len(b) < self.world_size)]
+        return [b for b in batches if len(b) == bs or not (
+            self.drop_last or (len(b) < self.world_size and not self.keep_uneven))]
 
     def __iter__(self) -> Iterator[List[int]]:
         for b in self.global_batches()[self.start_step:]:
-            yield np.array_split(b, self.world_size)[self.rank].tolist()
+            mine = np.array_split(b, self.world_size)[self.rank].tolist()
+            if mine:
+                yield mine
 
     def __len__(self) -> int:
-        return max(0, len(self.global_batches()) - self.start_step)
+        return sum(1 for b in self.global_batches()[self.start_step:]
+                   if len(b) > self.rank)
 
 
 def trim_collate(batch, valid_len_index: int = 2, seq_fields=(0, 1), multiple: int = 8,

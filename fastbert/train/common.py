@@ -198,8 +198,10 @@ class Timer:
     def start(self):
         self._start = time.perf_counter()
 
-    def stop(self):
-        self.total += time.perf_counter() - self._start
+    def stop(self) -> float:
+        elapsed = time.perf_counter() - self._start
+        self.total += elapsed
+        return elapsed
 
 
 class MetricsLog:

@@ -137,6 +137,9 @@ def _pretrain(cfg: PretrainConfig, dist) -> Dict[str, Any]:
     ckpt_path = find_resume_checkpoint(cfg)
     ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
     if ckpt is not None:
+        if ckpt.get("kind") != "pretrain":
+            raise ValueError(f"{ckpt_path} is not a pretraining checkpoint "
+                             f"(kind {ckpt.get('kind')!r})")
         if ckpt.get("vocab") != vocab.idx_to_token:
             raise ValueError(f"{ckpt_path} was trained with another vocabulary (different "
                              "data, --max-paragraphs or --seed)")
@@ -215,12 +218,13 @@ def _pretrain(cfg: PretrainConfig, dist) -> Dict[str, Any]:
             vals = torch.tensor([mlm_l.item() * mlm_share, nsp_l.item() * nsp_share],
                                 dtype=torch.float64) / dist.world_size
             all_reduce_sum(vals, dist)
-            timer.stop()
+            step_seconds = timer.stop()
             pairs += int(counts[0].item())
             step_in_epoch += 1
             global_step += 1
             log.steps.append({"step": global_step, "epoch_float": epoch + step_in_epoch / num_batches,
-                              "mlm_loss": float(vals[0]), "nsp_loss": float(vals[1])})
+                              "mlm_loss": float(vals[0]), "nsp_loss": float(vals[1]),
+                              "examples": int(counts[0].item()), "seconds": step_seconds})
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(mlm=f"{vals[0]:.3f}", nsp=f"{vals[1]:.3f}")
             if cfg.max_steps is not None and global_step >= cfg.max_steps:
