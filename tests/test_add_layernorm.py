@@ -47,12 +47,10 @@ def poisoned(monkeypatch):
 
 
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("p", [0.0, 0.3], ids=["nodrop", "drop0.3"])
-@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize("shape,p,affine", [
+    pytest.param(s, p, True, id=f"{'x'.join(map(str, s))}-p{p}") for s in SHAPES for p in (0.0, 0.3)
+] + [pytest.param((2, 5, 33), 0.0, False, id="2x5x33-noaffine")])  # None weight/bias: one shape
 def test_forward_backward_matches_reference(backend, dtype, shape, p, affine, poisoned):
-    if not affine and (p > 0 or shape[-1] != 33):  # None weight/bias: one shape is enough
-        pytest.skip("weight/bias None is covered on one shape")
     device = device_for(backend)
     C = shape[-1]
     x = torch.randn(shape, device=device).to(dtype)
@@ -208,3 +206,28 @@ def test_cpp_backward_bad_input():
         torch.ops.fastbert.add_layernorm_backward(torch.randn(2, 5), x, y, None, mean, rstd, 0.0, None)
     with pytest.raises(RuntimeError, match="one per row"):
         torch.ops.fastbert.add_layernorm_backward(torch.randn(2, 4), x, y, None, mean[:1], rstd, 0.0, None)
+
+
+# ------------------------------------------------------------------ the CUDA twin (GPU machines)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_kernel_matches_reference(dtype):
+    """Same counter RNG as the CPU: dropout_mask (CPU) is the CUDA kernels' mask too."""
+    pytest.importorskip("fastbert.backends.cpp")
+    if not hasattr(torch.ops.fastbert, "_cuda_built"):
+        pytest.fail("torch has CUDA but fastbert._C was built without the CUDA kernels")
+    seed = torch.tensor(123, dtype=torch.int64)
+    for shape in SHAPES:
+        for p in (0.0, 0.3):
+            C = shape[-1]
+            x, y, dout = (torch.randn(shape).to(dtype) for _ in range(3))
+            w, b = (1 + torch.randn(C)).to(dtype), torch.randn(C).to(dtype)
+            mask = torch.ops.fastbert.dropout_mask(seed, list(shape), p)
+            fn = lambda *t: torch.ops.fastbert.add_layernorm(*t, EPS, p, seed if p > 0 else None)[0]
+            out, grads = _grads(fn, [t.cuda() for t in (x, y, w, b)], dout.cuda())
+            ref = lambda *t: reference_with_mask(*t, mask, p)
+            out64, grads64 = _grads(ref, [t.double() for t in (x, y, w, b)], dout.double())
+            outlp, gradslp = _grads(ref, [x, y, w, b], dout)
+            assert_close(out.cpu(), out64, outlp, name="CUDA add_layernorm")
+            for g, g64, glp in zip(grads, grads64, gradslp):
+                assert_close(g.cpu(), g64, glp, name="CUDA add_layernorm grad")

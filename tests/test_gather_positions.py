@@ -134,3 +134,23 @@ def test_cpp_backward_bad_input():
         torch.ops.fastbert.gather_positions_backward(torch.randn(1, 2, 3), torch.tensor([[0, 4]]), 4)
     with pytest.raises(RuntimeError, match="like grad_out"):
         torch.ops.fastbert.gather_positions_backward(torch.randn(1, 2, 3), torch.tensor([[0]]), 4)
+
+
+# ------------------------------------------------------------------ the CUDA twin (GPU machines)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cuda_kernel_matches_cpu(dtype):
+    pytest.importorskip("fastbert.backends.cpp")
+    if not hasattr(torch.ops.fastbert, "_cuda_built"):
+        pytest.fail("torch has CUDA but fastbert._C was built without the CUDA kernels")
+    for B, L, C, P in SHAPES:
+        X = torch.randn(B, L, C).to(dtype)
+        pos = random_positions(B, L, P, "cpu")
+        dout = torch.randn(B, P, C).to(dtype)
+        Xc = X.cuda().requires_grad_()
+        out = torch.ops.fastbert.gather_positions(Xc, pos.cuda())
+        (dX,) = torch.autograd.grad(out, Xc, dout.cuda())
+        assert torch.equal(out.cpu(), reference.gather_positions(X, pos))
+        X64 = X.double().requires_grad_()
+        (dX64,) = torch.autograd.grad(reference.gather_positions(X64, pos), X64, dout.double())
+        assert_close(dX.cpu(), dX64, atol=1e-2 if dtype != torch.float32 else 1e-5, name="CUDA scatter-add")

@@ -135,3 +135,27 @@ def test_cpp_backward_bad_input():
     Y = torch.rand(2, 3, 4)
     with pytest.raises(RuntimeError, match="grad_out must match"):
         torch.ops.fastbert.masked_softmax_backward(torch.rand(2, 3, 5), Y, None)
+
+
+# ------------------------------------------------------------------ the CUDA twin (GPU machines)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cuda_kernel_matches_reference(dtype):
+    pytest.importorskip("fastbert.backends.cpp")
+    if not hasattr(torch.ops.fastbert, "_cuda_built"):
+        pytest.fail("torch has CUDA but fastbert._C was built without the CUDA kernels")
+    for shape in SHAPES:
+        N, Lq, Lk = shape
+        for _, vl in valid_lens_cases(N, Lq, Lk):
+            vl = ops.normalize_valid_lens(vl, N, Lq, Lk, torch.device("cpu"))
+            X = (torch.randn(shape) * 3).to(dtype)
+            dY = torch.randn(shape).to(dtype)
+            Xc = X.cuda().requires_grad_()
+            Y = torch.ops.fastbert.masked_softmax(Xc, None if vl is None else vl.cuda())
+            (dX,) = torch.autograd.grad(Y, Xc, dY.cuda())
+            Y64, X64 = _reference(X.double(), vl)
+            (dX64,) = torch.autograd.grad(Y64, X64, dY.double())
+            Ylp, Xlp = _reference(X, vl)
+            (dXlp,) = torch.autograd.grad(Ylp, Xlp, dY)
+            assert_close(Y.cpu(), Y64, Ylp, name="CUDA masked_softmax")
+            assert_close(dX.cpu(), dX64, dXlp, name="CUDA masked_softmax dX")

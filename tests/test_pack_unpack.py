@@ -162,3 +162,22 @@ def test_cpp_bad_input(op, make_args, match):
         return
     with pytest.raises(RuntimeError, match=match):
         fn(*make_args())
+
+
+# ------------------------------------------------------------------ the CUDA twin (GPU machines)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_kernels_match_reference():
+    pytest.importorskip("fastbert.backends.cpp")
+    if not hasattr(torch.ops.fastbert, "_cuda_built"):
+        pytest.fail("torch has CUDA but fastbert._C was built without the CUDA kernels")
+    fb = torch.ops.fastbert
+    for shape in SHAPES:
+        B, L = shape[:2]
+        for _, vl in lens_cases(B, L):
+            vl = ops.normalize_valid_lens(vl, B, None, L, torch.device("cpu"))
+            X = torch.randn(shape)
+            ref_packed, ref_cu, _ = reference.pack(X, vl)
+            packed, cu = fb.pack(X.cuda(), vl.cuda())
+            assert torch.equal(packed.cpu(), ref_packed) and torch.equal(cu.cpu(), ref_cu)
+            assert torch.equal(fb.unpack(packed, cu, L).cpu(), reference.unpack(ref_packed, ref_cu, L))
+            assert torch.equal(fb.pack_rows(X.cuda(), cu, packed.shape[0]).cpu(), ref_packed)
