@@ -38,10 +38,14 @@ def _worker(rank, world, ports, out):
     f = finetune(FinetuneConfig(**FT))
     os.environ["MASTER_PORT"] = str(ports[1])
     p = pretrain(PretrainConfig(**PT))
+    # The real-slots MLM loss: ranks hold different numbers of real slots.
+    os.environ["MASTER_PORT"] = str(ports[2])
+    q = pretrain(PretrainConfig(**PT, mlm_loss="real-slots"))
     if rank == 0:
         torch.save({"ft_steps": f["steps"], "ft_acc": f["test_acc"],
                     "ft_params": f["model"].state_dict(), "pt_steps": p["steps"],
-                    "pt_params": p["model"].state_dict()}, out)
+                    "pt_params": p["model"].state_dict(), "rs_steps": q["steps"],
+                    "rs_params": q["model"].state_dict()}, out)
 
 
 def _compare_params(a, b):
@@ -55,7 +59,8 @@ def _compare_params(a, b):
 def test_ddp_two_processes_match_one(tmp_path):
     need(SNLI), need(WIKI)
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(2, (_free_port(), _free_port()), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, (_free_port(), _free_port(), _free_port()), out), nprocs=2,
+             join=True)
     ddp = torch.load(out, weights_only=False)
     one_ft = finetune(FinetuneConfig(**FT))
     one_pt = pretrain(PretrainConfig(**PT))
@@ -65,7 +70,10 @@ def test_ddp_two_processes_match_one(tmp_path):
         assert x["train_acc"] == y["train_acc"]
     assert ddp["ft_acc"] == one_ft["test_acc"]
     _compare_params(ddp["ft_params"], one_ft["model"].state_dict())
-    for x, y in zip(ddp["pt_steps"], one_pt["steps"]):
-        assert x["mlm_loss"] == pytest.approx(y["mlm_loss"], rel=1e-5)
-        assert x["nsp_loss"] == pytest.approx(y["nsp_loss"], rel=1e-5)
-    _compare_params(ddp["pt_params"], one_pt["model"].state_dict())
+    one_rs = pretrain(PretrainConfig(**PT, mlm_loss="real-slots"))
+    for key, one in (("pt", one_pt), ("rs", one_rs)):
+        assert len(ddp[key + "_steps"]) == 3
+        for x, y in zip(ddp[key + "_steps"], one["steps"]):
+            assert x["mlm_loss"] == pytest.approx(y["mlm_loss"], rel=1e-5)
+            assert x["nsp_loss"] == pytest.approx(y["nsp_loss"], rel=1e-5)
+        _compare_params(ddp[key + "_params"], one["model"].state_dict())
