@@ -231,3 +231,30 @@ def test_cuda_kernel_matches_reference(dtype):
             assert_close(out.cpu(), out64, outlp, name="CUDA add_layernorm")
             for g, g64, glp in zip(grads, grads64, gradslp):
                 assert_close(g.cpu(), g64, glp, name="CUDA add_layernorm grad")
+
+
+def test_cpp_backward_same_bits_for_any_thread_count():
+    """dweight/dbias are reduced over fixed row chunks in a fixed order."""
+    pytest.importorskip("fastbert.backends.cpp")
+    x, y, g = (torch.randn(300, 40) for _ in range(3))
+    w = torch.randn(40)
+    seed = torch.tensor(9)
+    _, mean, rstd = torch.ops.fastbert.add_layernorm(x, y, w, None, EPS, 0.2, seed)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(torch.ops.fastbert.add_layernorm_backward(g, x, y, w, mean, rstd, 0.2, seed))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_cpp_dropout_mask_bad_input():
+    pytest.importorskip("fastbert.backends.cpp")
+    with pytest.raises(RuntimeError, match=r"\[0, 1\)"):
+        torch.ops.fastbert.dropout_mask(torch.tensor(1), [4], 1.0)
+    with pytest.raises(RuntimeError, match="0-d int64 CPU"):
+        torch.ops.fastbert.dropout_mask(torch.tensor([1, 2]), [4], 0.5)
