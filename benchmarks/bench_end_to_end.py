@@ -36,7 +36,7 @@ IMPLS = ("d2l-eager", "d2l-compile", "hf-sdpa", "fastbert-reference", "fastbert-
          "fastbert-triton")
 PRECISIONS = ("fp32", "bf16")
 PAD, CLS = 1, 2  # the book's vocabulary: '<unk>' 0, '<pad>' 1, '<mask>' ..., '<cls>', '<sep>'
-E2E_TIMING = dict(budget_s=4.0, min_rounds=3, max_rounds=10, round_s=0.0, warmup=2)
+E2E_TIMING = dict(budget_s=3.0, min_rounds=3, max_rounds=10, round_s=0.0, warmup=1)
 
 
 def pytest_generate_tests(metafunc):

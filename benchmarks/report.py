@@ -171,7 +171,9 @@ def markdown(data: dict, rows: List[dict], png_name: Optional[str]) -> str:
            "than the book's code). GFLOP/s count useful work only (matmuls on valid tokens; "
            "padding excluded; backward = 2x forward); GB/s count the minimal tensor traffic. "
            "% of ceiling compares with the largest matmul (same dtype) or copy measured in this "
-           "run.", ""]
+           "run; the copy ceiling is main-memory bandwidth (256 MiB buffers), so a small op "
+           "whose tensors stay in cache can pass 100%. Rows are medians of a few rounds on "
+           "the machine below; compare ratios within one run, not across runs.", ""]
     out += machine_lines(data) + [""]
     if ceilings:
         out += ["## Ceilings (this run)", "", "| limit | value |", "| --- | --- |"]
