@@ -75,13 +75,14 @@ def bert_args(dims: harness.BertDims):
 def make_batch(lens: torch.Tensor, dev: torch.device):
     """A padded SNLI-shaped batch: <cls> first, segment 1 on the second half of each pair."""
     B, L = lens.numel(), harness.SEQ_LEN
+    g = torch.Generator().manual_seed(B)  # the same batch for every row of a case
     pos = torch.arange(L)[None, :]
     valid = pos < lens[:, None]
-    tokens = torch.randint(5, harness.VOCAB_SIZE, (B, L))
+    tokens = torch.randint(5, harness.VOCAB_SIZE, (B, L), generator=g)
     tokens[:, 0] = CLS
     tokens = torch.where(valid, tokens, torch.full_like(tokens, PAD))
     segments = (valid & (pos >= (lens[:, None] // 2))).long()
-    labels = torch.randint(0, harness.NUM_CLASSES, (B,))
+    labels = torch.randint(0, harness.NUM_CLASSES, (B,), generator=g)
     return (tokens.to(dev), segments.to(dev), lens.to(dev)), labels.to(dev)
 
 
