@@ -188,6 +188,18 @@ def markdown(data: dict, rows: List[dict], png_name: Optional[str]) -> str:
 
     e2e = grouped(rows, "e2e")
     if e2e:
+        out += ["## Summary (best row of each family, ratio to d2l eager fp32)", ""]
+        for (op, mode, config, batch), group in e2e.items():
+            best = []
+            for family, title in (("fastbert", "fastbert"), ("d2l-compile", "torch.compile(d2l)"),
+                                  ("hf", "transformers"), ("d2l-eager", "d2l eager")):
+                mine = [r for r in group if r["impl"].startswith(family) and r.get("ratio")]
+                if mine:
+                    top = max(mine, key=lambda r: r["ratio"])
+                    best.append(f"{title} {top['ratio']:.2f}x ({top['impl']} {top['dtype']})")
+            out.append(f"- {'train step' if mode == 'train' else 'inference'}, {config}, batch "
+                       f"{batch}: " + "; ".join(best))
+        out.append("")
         out += ["## End to end: SNLI fine-tuning train step and inference", "",
                 "Train step = forward + CrossEntropyLoss(reduction='none').sum() + backward + "
                 "Adam (the book's `train_batch_ch13`, dropout 0.2); inference = eval + no_grad. "
