@@ -12,6 +12,32 @@ import triton.language as tl
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _interpreter_range_fix() -> None:
+    """Let ``range()`` take runtime bounds under the interpreter.
+
+    The interpreter holds every scalar as a 1-element numpy array and converts it with
+    ``int(array)``, which numpy >= 2.4 refuses for arrays with ndim > 0 ("only 0-dimensional
+    arrays can be converted to Python scalars").  The kernels keep ``for ... in range(...)``
+    loops, which Triton software-pipelines on a GPU (a ``while`` loop would not be), and this
+    shim, active only under TRITON_INTERPRET=1, converts through ``.item()`` instead."""
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_fastbert_range_fix", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    interpreter._fastbert_range_fix = True
+
+
+if INTERPRETER:
+    _interpreter_range_fix()
+
+
 def next_pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(max(int(n), 1)))
 

@@ -41,15 +41,13 @@ def _linear_kernel(A, B, BIAS, AUX, C, PRE, M, N, K, stride_am, stride_ak, strid
     a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = B + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    k0 = 0
-    while k0 < K:  # not range(): the interpreter (numpy 2.4) cannot range() a runtime bound
+    for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + offs_k) < K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc += mma(a, b, PREC)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-        k0 += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     c_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]

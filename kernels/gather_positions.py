@@ -37,12 +37,10 @@ def _scatter_add_kernel(DOUT, POS, DX, P, L, C, BLOCK_L: tl.constexpr, BLOCK_C: 
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     acc = tl.zeros((BLOCK_L, BLOCK_C), tl.float32)
-    p = 0
-    while p < P:  # not range(): the interpreter cannot range() a runtime bound
+    for p in range(0, P):
         pos = tl.load(POS + b * P + p).to(tl.int32)
         g = tl.load(DOUT + (b.to(tl.int64) * P + p) * C + offs_c, mask=c_ok, other=0.0)
         acc += tl.where(offs_l[:, None] == pos, g.to(tl.float32)[None, :], 0.0)
-        p += 1
     mask = (offs_l[:, None] < L) & c_ok[None, :]
     tl.store(DX + (b.to(tl.int64) * L + offs_l)[:, None] * C + offs_c[None, :],
              cast(acc, DX.dtype.element_ty), mask=mask)

@@ -97,8 +97,7 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU, VL, seed, dropout_p, scale, H, Lq, Lk
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, DV_PAD), tl.float32)
         n_end = _key_loop_end(VL, z, seqlen_k, VL_MODE)
-        start_n = 0
-        while start_n < n_end:  # a while loop: the interpreter cannot range() a loaded bound
+        for start_n in range(0, n_end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_ok = offs_n < seqlen_k
             rows_k = (k_row0 + offs_n).to(tl.int64)
@@ -116,7 +115,6 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU, VL, seed, dropout_p, scale, H, Lq, Lk
                         mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
             acc = acc * alpha[:, None] + mma(cast(p, v.dtype), v, PREC)
             m_i = m_new
-            start_n += BLOCK_N
         out = acc / l_i[:, None]
         tl.store(O + (rows_q * H + h)[:, None] * DV + offs_dv[None, :],
                  cast(out, O.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < DV))
@@ -151,8 +149,7 @@ def _flash_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, CU, VL, seed, dropout_p
         lim, empty = _key_limits(VL, z, offs_m, m_ok, Lq, seqlen_k, VL_MODE)
         dq = tl.zeros((BLOCK_M, D_PAD), tl.float32)
         n_end = _key_loop_end(VL, z, seqlen_k, VL_MODE)
-        start_n = 0
-        while start_n < n_end:  # a while loop: the interpreter cannot range() a loaded bound
+        for start_n in range(0, n_end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_ok = offs_n < seqlen_k
             rows_k = (k_row0 + offs_n).to(tl.int64)
@@ -167,7 +164,6 @@ def _flash_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, CU, VL, seed, dropout_p
                 dp = tl.where(dropout_keep(seed, offs, dropout_p), dp / (1.0 - dropout_p), 0.0)
             ds = tl.where(empty[:, None] | ~m_ok[:, None], 0.0, p * (dp - delta[:, None]))
             dq += mma(cast(ds, k.dtype), k, PREC)
-            start_n += BLOCK_N
         tl.store(DQ + (rows_q * H + h)[:, None] * D + offs_d[None, :],
                  cast(dq * scale, DQ.dtype.element_ty), mask=q_mask)
 
@@ -195,8 +191,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, CU, VL, seed, dr
                     other=0.0)
         dk = tl.zeros((BLOCK_N, D_PAD), tl.float32)
         dv = tl.zeros((BLOCK_N, DV_PAD), tl.float32)
-        start_m = 0
-        while start_m < seqlen_q:
+        for start_m in range(0, seqlen_q, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < seqlen_q
             rows_q = (q_row0 + offs_m).to(tl.int64)
@@ -220,7 +215,6 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, CU, VL, seed, dr
             dv += mma(tl.trans(cast(p_drop, do.dtype)), do, PREC)
             ds = tl.where(empty[:, None], 0.0, p * (dp - delta[:, None]))
             dk += mma(tl.trans(cast(ds, q.dtype)), q, PREC)
-            start_m += BLOCK_M
         tl.store(DK + (rows_k * H + h)[:, None] * D + offs_d[None, :],
                  cast(dk * scale, DK.dtype.element_ty), mask=k_mask)
         tl.store(DV_OUT + (rows_k * H + h)[:, None] * DV + offs_dv[None, :],
@@ -228,10 +222,11 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, CU, VL, seed, dr
 
 
 # ----------------------------------------------------------------------------- launchers
-def _blocks(max_q: int, max_k: int, d_pad: int):
-    """(BLOCK_M, BLOCK_N): at least 16 (tl.dot's minimum), at most 64; on a GPU, 32 for big
-    heads so the backward's tiles fit in shared memory."""
-    cap = 64 if (INTERPRETER or d_pad <= 64) else 32
+def _blocks(max_q: int, max_k: int, d_pad: int, element_size: int):
+    """(BLOCK_M, BLOCK_N): at least 16 (tl.dot's minimum), at most 64.  On a GPU, 32 when a
+    padded head row exceeds 128 bytes (fp32 D > 32, 16-bit D > 64): the backward's tiles
+    then need over 99 KB of shared memory at 64, the per-block limit of sm_86/sm_89."""
+    cap = 64 if (INTERPRETER or d_pad * element_size <= 128) else 32
     return min(cap, next_pow2(max_q, 16)), min(cap, next_pow2(max_k, 16))
 
 
@@ -254,7 +249,8 @@ class Problem:
         self.seed = seed_value(seed) if self.dropout else 0
         self.scale = float(1.0 / math.sqrt(self.D) if scale is None else scale)
         self.d_pad, self.dv_pad = next_pow2(self.D, 16), next_pow2(self.DV, 16)
-        self.block_m, self.block_n = _blocks(max_q, max_k, max(self.d_pad, self.dv_pad))
+        self.block_m, self.block_n = _blocks(max_q, max_k, max(self.d_pad, self.dv_pad),
+                                             self.q.element_size())
         self.max_q, self.max_k = max_q, max_k
 
     def meta(self):
