@@ -245,6 +245,29 @@ def markdown(data: dict, rows: List[dict], png_name: Optional[str]) -> str:
                            f"{fmt(pct_of_ceiling(r, ceilings), 1, '%')} | "
                            f"{fmt(r['ratio'], 2, 'x')} |")
             out.append("")
+    others = [r for r in rows if r["kind"] not in ("ceiling", "e2e", "op")]
+    if others:
+        out += ["## Other benchmarks of the suite", "",
+                "Rows from further bench_*.py files (e.g. bench_pretrain.py: the book's "
+                "pretraining step); ratio as above, against the d2l eager fp32 time its "
+                "benchmark measured in this run.", ""]
+        kinds: "OrderedDict[str, List[dict]]" = OrderedDict()
+        for r in others:
+            kinds.setdefault(r["kind"], []).append(r)
+        for kind, group in kinds.items():
+            memory = any(r.get("peak_step_rss_mb") is not None for r in group)
+            out += [f"### {kind}", "",
+                    "| implementation | dtype | batch | median | examples/s | tokens/s "
+                    "| ratio to d2l fp32 |" + (" peak step RSS (MB) |" if memory else ""),
+                    "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if memory else "")]
+            for r in group:
+                line = (f"| {r.get('impl')} | {r.get('dtype')} | {r.get('batch')} | "
+                        f"{fmt_time(r['median_s'])} | {fmt(r.get('examples_per_s'))} | "
+                        f"{fmt(r.get('tokens_per_s'), 0)} | {fmt(r.get('ratio'), 2, 'x')} |")
+                if memory:
+                    line += f" {fmt(r.get('peak_step_rss_mb'), 0)} |"
+                out.append(line)
+            out.append("")
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -265,6 +288,10 @@ def chart(rows: List[dict], path: str) -> None:
         panels.append(("ops, forward+backward", sorted(ops, key=lambda r: (
             r["op"], r.get("config"), r.get("batch")) + order_key(r, OP_ORDER)),
             lambda r: f"{r['op']} {r['config']} b{r['batch']} {r['impl']} {r['dtype']}"))
+    others = [r for r in rows if r["kind"] not in ("ceiling", "e2e", "op") and r.get("ratio")]
+    if others:
+        panels.append(("other benchmarks", others,
+                       lambda r: f"{r['kind']} b{r.get('batch')} {r['impl']} {r.get('dtype')}"))
     if not panels:
         return
     heights = [max(2.0, 0.22 * len(p[1]) + 1.0) for p in panels]
