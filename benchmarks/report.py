@@ -2,6 +2,7 @@
 
     pytest benchmarks/ --benchmark-only --benchmark-json out.json
     python benchmarks/report.py out.json            # -> docs/benchmarks.md, docs/benchmarks.png
+    python benchmarks/report.py a.json b.json       # several runs of one sitting, merged
 
 The markdown has the machine, the measured ceilings and one table per job (median time,
 examples/s, tokens/s, GFLOP/s or GB/s, % of the machine's ceiling, ratio to d2l eager fp32);
@@ -319,14 +320,17 @@ def chart(rows: List[dict], path: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("json", help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON (--benchmark-json); "
+                        "several files of one sitting are merged (machine info: the first)")
     parser.add_argument("--md", default=os.path.join(REPO, "docs", "benchmarks.md"))
     parser.add_argument("--png", default=os.path.join(REPO, "docs", "benchmarks.png"))
     args = parser.parse_args(argv)
-    data = load(args.json)
+    data = load(args.json[0])
+    for extra in args.json[1:]:
+        data.setdefault("benchmarks", []).extend(load(extra).get("benchmarks", []))
     rows = rows_of(data)
     if not rows:
-        raise SystemExit(f"{args.json}: no benchmark of this suite in it")
+        raise SystemExit(f"{', '.join(args.json)}: no benchmark of this suite in it")
     attach_ratios(rows)
     png_name = None
     if args.png:
