@@ -233,10 +233,17 @@ class MetricsLog:
     def plot(self, curves) -> None:
         """``curves``: names of step/epoch fields; losses on the left, the rest (accuracies)
         on the right, against the epoch (fractional for steps)."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        try:
+            # A bare Figure renders with Agg and leaves the user's pyplot backend alone.
+            from matplotlib.figure import Figure
+        except ImportError:
+            if not getattr(self, "_warned", False):
+                print("curves.png skipped: matplotlib is not installed "
+                      "(pip install matplotlib, or fastbert[plot])")
+                self._warned = True
+            return
+        fig = Figure(figsize=(10, 3.8))
+        axes = fig.subplots(1, 2)
         for name in curves:
             ax = axes[0] if "loss" in name else axes[1]
             for kind, rows, style in (("step", self.steps, "-"), ("epoch", self.epochs, "o-")):
@@ -253,4 +260,3 @@ class MetricsLog:
                 ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(self.out_dir, "curves.png"), dpi=100)
-        plt.close(fig)
