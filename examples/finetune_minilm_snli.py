@@ -44,7 +44,7 @@ def main(argv=None):
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*no MLM/NSP head weights.*")  # expected
+        warnings.filterwarnings("ignore", message=".*no weights for the MLM head.*")  # MiniLM has none
         result = finetune(FinetuneConfig(
             pretrained=args.pretrained or minilm_path(), train_split="dev", test_split="test",
             train_limit=args.train_limit, test_limit=args.test_limit, epochs=args.epochs,

@@ -48,9 +48,9 @@ order; both scale scores by ``1/sqrt(head_size)``; the embedding is
 ``dropout(LN(word + position + token_type))``.  HF's MLM transform uses ``hidden_act``
 (d2l's uses ReLU) and the config's LayerNorm eps: an imported model's ``mlm.mlp`` gets
 those, so imported heads compute what HF computes.  A checkpoint without heads (e.g.
-sentence-transformers' MiniLM) leaves fastbert's MLM/NSP heads freshly initialized (a
-warning says so).  Anything that cannot be mapped is refused with an error naming the
-tensors or config fields: unknown or unused tensors, wrong shapes, ``hidden_act`` other
+sentence-transformers' MiniLM), or without a pooler (``BertForMaskedLM``), leaves those
+parts freshly initialized (a warning says so).  Anything that cannot be mapped is refused
+with an error naming the tensors or config fields: unknown or unused tensors, wrong shapes, ``hidden_act`` other
 than ``gelu``/``relu``, relative position embeddings, decoder/cross-attention models,
 ``type_vocab_size`` other than 2.
 """
@@ -179,6 +179,9 @@ _FIXED = {
 _LAYER_RE = re.compile(r"encoder\.layer\.(\d+)\.(.+)")
 # Buffers HF writes into some checkpoints; they carry no weights.
 _BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+# Parts a checkpoint may lack (BertModel has no heads, BertForMaskedLM no pooler): they stay
+# freshly initialized, with a warning.  Everything else must be present.
+OPTIONAL_PARTS = {"hidden": "pooler (hidden)", "mlm": "MLM head (mlm)", "nsp": "NSP head (nsp)"}
 
 
 def _canonical(key: str) -> str:
@@ -211,7 +214,8 @@ def hf_to_fastbert_state_dict(hf_state: Dict[str, torch.Tensor], model: BERTMode
                               ignore_unused: bool = False) -> Tuple[Dict[str, torch.Tensor],
                                                                     list]:
     """Map an HF BERT state_dict onto ``model``'s names.  Returns ``(state, missing)``:
-    ``missing`` lists the model's head parameters (``mlm.``/``nsp.``) the checkpoint does
+    ``missing`` lists the optional parameters (pooler ``hidden.``, heads ``mlm.``/``nsp.``)
+    the checkpoint does
     not provide.  Raises :class:`HFCheckpointError` naming every unknown or unused tensor
     (unless ``ignore_unused``), every shape mismatch and every missing encoder/pooler
     tensor."""
@@ -255,12 +259,12 @@ def hf_to_fastbert_state_dict(hf_state: Dict[str, torch.Tensor], model: BERTMode
     if conflicts:
         problems.append("; ".join(conflicts))
     missing = [k for k in expected if k not in out]
-    for head in ("mlm.", "nsp."):
-        have = [k for k in expected if k.startswith(head) and k in out]
-        lack = [k for k in missing if k.startswith(head)]
-        if have and lack:  # half a head would compute garbage
-            problems.append(f"the {head[:-1].upper()} head is incomplete: no tensors for {lack}")
-    missing_core = [k for k in missing if not k.startswith(("mlm.", "nsp."))]
+    for part in OPTIONAL_PARTS:
+        have = [k for k in expected if k.startswith(part + ".") and k in out]
+        lack = [k for k in missing if k.startswith(part + ".")]
+        if have and lack:  # half a layer would compute garbage
+            problems.append(f"the {OPTIONAL_PARTS[part]} is incomplete: no tensors for {lack}")
+    missing_core = [k for k in missing if k.split(".")[0] not in OPTIONAL_PARTS]
     if missing_core:
         problems.append(f"the checkpoint lacks tensors for {missing_core}")
     if problems:
@@ -325,11 +329,13 @@ def load_hf_bert(path, ignore_unused: bool = False, **overrides):
     _bert_mlm_head(model, config.get("hidden_act", "gelu"), config.get("layer_norm_eps", 1e-12))
     state, missing = hf_to_fastbert_state_dict(_read_weights(path), model, ignore_unused)
     if missing:
-        heads = sorted({k.split(".")[0] for k in missing})
-        warnings.warn(f"fastbert: {path} has no {'/'.join(h.upper() for h in heads)} head "
-                      f"weights; {', '.join(heads)} stay freshly initialized (fine for "
-                      f"fine-tuning, which uses the encoder and pooler only)", stacklevel=2)
-    model.load_state_dict(state, strict=False)  # strict on everything but absent heads
+        parts = [OPTIONAL_PARTS[p] for p in OPTIONAL_PARTS if any(
+            k.startswith(p + ".") for k in missing)]
+        warnings.warn(f"fastbert: {path} has no weights for the {', '.join(parts)}: "
+                      f"{'it stays' if len(parts) == 1 else 'they stay'} freshly initialized ("
+                      f"fine for fine-tuning, which trains the pooler and ignores the "
+                      f"heads)", stacklevel=2)
+    model.load_state_dict(state, strict=False)  # strict on all but the absent optional parts
     return model.float().eval(), tokenizer
 
 

@@ -257,7 +257,8 @@ def test_tied_decoder_old_names_and_buffers(tmp_path):
 def test_headless_checkpoint_warns_and_keeps_fresh_heads(tmp_path):
     sd, cfg = synthetic_state(heads=False), synthetic_config()
     path = write_checkpoint(tmp_path / "c", sd, cfg, prefix="")
-    with pytest.warns(UserWarning, match="no MLM/NSP head weights"):
+    with pytest.warns(UserWarning, match=r"no weights for the MLM head \(mlm\), NSP head "
+                      r"\(nsp\): they stay freshly initialized"):
         model, tok = hf.load_hf_bert(path)
     tokens, segments, valid_lens = _inputs(tok)
     ref = hf_reference(sd, cfg, tokens, segments, _mask(tokens, valid_lens))
@@ -266,6 +267,33 @@ def test_headless_checkpoint_warns_and_keeps_fresh_heads(tmp_path):
     m = _mask(tokens, valid_lens).bool()
     torch.testing.assert_close(enc[m], ref["hidden"][m], rtol=0, atol=1e-10)
     assert nsp.shape == (3, 2) and torch.isfinite(nsp).all()
+
+
+def test_masked_lm_checkpoint_without_pooler_or_nsp(tmp_path):
+    sd, cfg = synthetic_state(), synthetic_config()  # BertForMaskedLM: no pooler, no NSP
+    for k in ("pooler.dense.weight", "pooler.dense.bias", "cls.seq_relationship.weight",
+              "cls.seq_relationship.bias"):
+        del sd[k]
+    with pytest.warns(UserWarning, match=r"no weights for the pooler \(hidden\), NSP head"):
+        model, tok = hf.load_hf_bert(write_checkpoint(tmp_path / "c", sd, cfg))
+    tokens, segments, valid_lens = _inputs(tok)
+    positions = torch.tensor([[1, 2], [3, 0], [16, 5]])
+    sd_ref = dict(sd, **{"pooler.dense.weight": torch.zeros(16, 16),
+                         "pooler.dense.bias": torch.zeros(16)})
+    ref = hf_reference(sd_ref, cfg, tokens, segments, _mask(tokens, valid_lens))
+    x = ref["hidden"]
+    t = F.layer_norm(F.gelu(F.linear(x, sd["cls.predictions.transform.dense.weight"].double(),
+                                     sd["cls.predictions.transform.dense.bias"].double())),
+                     (16,), sd["cls.predictions.transform.LayerNorm.weight"].double(),
+                     sd["cls.predictions.transform.LayerNorm.bias"].double(), 1e-12)
+    logits = F.linear(t, sd["cls.predictions.decoder.weight"].double(),
+                      sd["cls.predictions.bias"].double())
+    with torch.no_grad(), fastbert.use_backend("reference"):
+        _, mlm, _ = model.double()(tokens, segments, valid_lens, positions)
+    want = torch.stack([logits[b, positions[b]] for b in range(3)])
+    torch.testing.assert_close(mlm, want, rtol=0, atol=1e-10)
+    _refuse(tmp_path / "half", r"pooler \(hidden\) is incomplete: no tensors for "
+            r"\['hidden.0.bias'\]", lambda sd: sd.pop("pooler.dense.bias"))
 
 
 def test_overrides(tmp_path):
@@ -332,7 +360,7 @@ def test_refuses_short_positions_missing_and_partial_heads(tmp_path):
     _refuse(tmp_path / "a", r"position_embeddings.weight \(10, 16\) \(need \[>= 20, C\]\)", short)
     _refuse(tmp_path / "b", r"lacks tensors for \['encoder.blks.1.attention.W_k.bias'\]",
             lambda sd: sd.pop("encoder.layer.1.attention.self.key.bias"))
-    _refuse(tmp_path / "c", r"NSP head is incomplete: no tensors for \['nsp.output.bias'\]",
+    _refuse(tmp_path / "c", r"NSP head \(nsp\) is incomplete: no tensors for \[.nsp.output.bias.\]",
             lambda sd: sd.pop("cls.seq_relationship.bias"))
     _refuse(tmp_path / "d", "differs from the other source of mlm.mlp.3.bias",
             lambda sd: sd.__setitem__("cls.predictions.decoder.bias", torch.ones(len(VOCAB))))
@@ -368,7 +396,7 @@ def test_export_round_trip(tmp_path):
     assert tok2.idx_to_token == tok.idx_to_token
     # Headless models export as BertModel; the book's model (no embedding LayerNorm) cannot.
     hf.export_hf_bert(model, tmp_path / "c", tokenizer=tok, heads=False)
-    with pytest.warns(UserWarning, match="no MLM/NSP head"):
+    with pytest.warns(UserWarning, match="no weights for the MLM head"):
         headless, _ = hf.load_hf_bert(tmp_path / "c")
     assert torch.equal(headless.state_dict()["encoder.blks.1.ffn.dense1.weight"],
                        a["encoder.blks.1.ffn.dense1.weight"])
@@ -499,7 +527,7 @@ def _minilm_pair():
 @pytest.fixture(scope="module")
 def minilm():
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "no MLM/NSP head": expected for MiniLM
+        warnings.simplefilter("ignore")  # "no weights for the MLM head ...": MiniLM has none
         return _minilm_pair()
 
 
