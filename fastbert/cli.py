@@ -104,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = config_cls(**{k: v for k, v in vars(args).items() if k in names})
     try:
         fn(cfg)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -73,10 +73,13 @@ def _fetch(url: str, dest: str, sha1_hash: Optional[str]) -> None:
     part = dest + ".part"
     sha1 = hashlib.sha1()
     try:
-        with _open_url(url) as src, open(part, "wb") as out:
-            for block in iter(lambda: src.read(_CHUNK), b""):
-                sha1.update(block)
-                out.write(block)
+        try:
+            with _open_url(url) as src, open(part, "wb") as out:
+                for block in iter(lambda: src.read(_CHUNK), b""):
+                    sha1.update(block)
+                    out.write(block)
+        except Exception as e:  # network, HTTP or disk: one clear message
+            raise OSError(f"could not download {url} to {dest}: {type(e).__name__}: {e}") from e
         if sha1_hash is not None and sha1.hexdigest() != sha1_hash:
             raise ValueError(f"sha1 mismatch for {url}: expected {sha1_hash}, got "
                              f"{sha1.hexdigest()}; the download is corrupt or the file changed "

@@ -98,6 +98,14 @@ def test_sha1_mismatch_is_a_clear_error_and_caches_nothing(registered, monkeypat
     assert os.listdir(tmp_path / "cache") == []
 
 
+def test_unreachable_url_is_a_clear_error(registered, monkeypatch, tmp_path):
+    missing = (tmp_path / "nowhere.zip").as_uri()
+    monkeypatch.setitem(hub.DATA_HUB, "bert.tiny", (missing, "0" * 40))
+    with pytest.raises(OSError, match="could not download .*nowhere.zip"):
+        hub.download("bert.tiny")
+    assert os.listdir(tmp_path / "cache") == []
+
+
 def test_local_folder_and_zip(book_zip, tmp_path, monkeypatch):
     model, src, zpath = book_zip
     monkeypatch.setenv("FASTBERT_CACHE", str(tmp_path / "cache"))
