@@ -254,6 +254,17 @@ def test_tied_decoder_old_names_and_buffers(tmp_path):
                        sd["encoder.layer.1.output.LayerNorm.beta"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoint_loads_as_fp32(tmp_path, dtype):
+    sd, cfg = synthetic_state(), synthetic_config()
+    half = {k: v.to(dtype) for k, v in sd.items()}
+    model, _ = hf.load_hf_bert(write_checkpoint(tmp_path / "c", half, cfg))
+    ours = model.state_dict()
+    assert all(v.dtype == torch.float32 for v in ours.values())
+    assert torch.equal(ours["encoder.blks.0.attention.W_q.weight"],
+                       half["encoder.layer.0.attention.self.query.weight"].float())
+
+
 def test_headless_checkpoint_warns_and_keeps_fresh_heads(tmp_path):
     sd, cfg = synthetic_state(heads=False), synthetic_config()
     path = write_checkpoint(tmp_path / "c", sd, cfg, prefix="")
