@@ -8,8 +8,16 @@
 // logit is a dot product per slot.  The backward recomputes the small MLP and each chunk's
 // logits, turns them into coef * softmax and feeds dH and dW2; the -coef * onehot(label)
 // part of dlogits is applied once, outside the chunk loop, as a gather / scatter-add.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 #include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
 
 #include <limits>
 #include <optional>
@@ -50,6 +58,60 @@ Mlp run_mlp(const Tensor& X, const Slots& s, const Tensor& w1, const Tensor& b1,
   m.mean = std::get<1>(ln);
   m.rstd = std::get<2>(ln);
   return m;
+}
+
+// Rows of a [S, n] chunk per parallel task: about 32K elements.
+int64_t rows_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n)); }
+
+// One row of a chunk as acc_t: the row itself when the types agree, else converted into tmp.
+template <typename scalar_t, typename acc_t>
+const acc_t* row_as_acc(const scalar_t* row, int64_t n, std::vector<acc_t>& tmp) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return row;
+  } else {
+    at::vec::convert(row, tmp.data(), n);
+    return tmp.data();
+  }
+}
+
+// Fold a chunk of logits [S, n] into the running per-slot (max, sum of exp): the online
+// logsumexp, one pass for the max and one for the sum, each on a row that sits in L1.
+template <typename scalar_t, typename acc_t>
+void fold_chunk(const Tensor& logits, acc_t* run_max, acc_t* run_sum) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const int64_t S = logits.size(0), n = logits.size(1);
+  const scalar_t* data = logits.const_data_ptr<scalar_t>();
+  at::parallel_for(0, S, rows_grain(n), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tmp(std::is_same_v<scalar_t, acc_t> ? 0 : n);
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t* row = row_as_acc<scalar_t, acc_t>(data + i * n, n, tmp);
+      const acc_t chunk_max = at::vec::reduce_all<acc_t>(
+          [](Vec a, Vec b) { return at::vec::maximum(a, b); }, row, n);
+      const acc_t new_max = std::max(chunk_max, run_max[i]);
+      const acc_t chunk_sum = at::vec::map_reduce_all<acc_t>(
+          [new_max](Vec x) { return (x - Vec(new_max)).exp(); },
+          [](Vec a, Vec b) { return a + b; }, row, n);
+      run_sum[i] = run_sum[i] * std::exp(run_max[i] - new_max) + chunk_sum;
+      run_max[i] = new_max;
+    }
+  });
+}
+
+// logits [S, n] -> p_coef_i * softmax_i in place (the softmax part of dlogits).
+template <typename scalar_t, typename acc_t>
+void scaled_softmax_inplace(Tensor& logits, const acc_t* lse, const acc_t* p_coef) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const int64_t S = logits.size(0), n = logits.size(1);
+  scalar_t* data = logits.data_ptr<scalar_t>();
+  at::parallel_for(0, S, rows_grain(n), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tmp(n);
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t* row = row_as_acc<scalar_t, acc_t>(data + i * n, n, tmp);
+      const acc_t l = lse[i], c = p_coef[i];
+      at::vec::map([l, c](Vec x) { return (x - Vec(l)).exp() * Vec(c); }, tmp.data(), row, n);
+      at::vec::convert(tmp.data(), data + i * n, n);
+    }
+  });
 }
 
 at::ScalarType acc_type(const Tensor& X) {
@@ -97,14 +159,20 @@ std::tuple<Tensor, Tensor> mlm_loss_cpu(const Tensor& X_, const Tensor& position
   if (S == 0) return {at::zeros({}, X.options().dtype(acc)), lse_all.view(positions.sizes())};
 
   Mlp m = run_mlp(X, s, w1, b1, ln_w, ln_b, eps);
-  Tensor lse = at::full({S}, -std::numeric_limits<double>::infinity(), X.options().dtype(acc));
-  Tensor logits = at::empty({S, std::min(chunk, V)}, X.options());
+  Tensor run_max = at::full({S}, -std::numeric_limits<double>::infinity(),
+                            X.options().dtype(acc));
+  Tensor run_sum = at::zeros({S}, X.options().dtype(acc));
+  Tensor logits = at::empty({S * std::min(chunk, V)}, X.options());  // one chunk, reused
   for (int64_t v0 = 0; v0 < V; v0 += chunk) {
     const int64_t n = std::min(chunk, V - v0);
-    Tensor buf = n == logits.size(1) ? logits : logits.narrow(1, 0, n).contiguous();
+    Tensor buf = logits.narrow(0, 0, S * n).view({S, n});
     at::addmm_out(buf, b2.narrow(0, v0, n), m.Hn, w2.narrow(0, v0, n).t());
-    lse = at::logaddexp(lse, at::logsumexp(buf.to(acc), {1}));
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, buf.scalar_type(), "mlm_loss", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      fold_chunk<scalar_t, acc_t>(buf, run_max.data_ptr<acc_t>(), run_sum.data_ptr<acc_t>());
+    });
   }
+  Tensor lse = run_max + at::log(run_sum);
   // The label logit of each slot: one dot product, in the accumulation type.
   Tensor y = labels.reshape(-1).index_select(0, s.flat);
   Tensor label_logit = (m.Hn.to(acc) * w2.index_select(0, y).to(acc)).sum(1) +
@@ -148,18 +216,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlm_loss_back
   if (grad_lse.has_value() && grad_lse->defined()) {
     p_coef = coef + grad_lse->reshape(-1).index_select(0, s.flat).to(acc).unsqueeze(1);
   }
-  Tensor lse = lse_all.reshape(-1).index_select(0, s.flat).to(acc).unsqueeze(1);
+  p_coef = p_coef.contiguous();
+  Tensor lse = lse_all.reshape(-1).index_select(0, s.flat).to(acc).contiguous();
 
   Tensor dHn = at::zeros({S, Cp}, X.options().dtype(acc));
   Tensor dw2 = at::empty_like(w2);
   Tensor db2 = at::empty({V}, X.options().dtype(acc));
+  Tensor logits = at::empty({S * std::min(chunk, V)}, X.options());  // one chunk, reused
   for (int64_t v0 = 0; v0 < V; v0 += chunk) {
     const int64_t n = std::min(chunk, V - v0);
     Tensor w2c = w2.narrow(0, v0, n);
-    Tensor logits = at::addmm(b2.narrow(0, v0, n), m.Hn, w2c.t());  // recomputed
-    Tensor p = at::exp(logits.to(acc).sub_(lse)).mul_(p_coef);        // p_coef * softmax
-    db2.narrow(0, v0, n).copy_(p.sum(0));
-    Tensor dl = p.to(X.scalar_type());
+    Tensor dl = logits.narrow(0, 0, S * n).view({S, n});
+    at::addmm_out(dl, b2.narrow(0, v0, n), m.Hn, w2c.t());  // the logits, recomputed
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dl.scalar_type(), "mlm_loss_backward", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      scaled_softmax_inplace<scalar_t, acc_t>(dl, lse.data_ptr<acc_t>(), p_coef.data_ptr<acc_t>());
+    });
+    Tensor db2c = db2.narrow(0, v0, n);
+    at::sum_out(db2c, dl, {0}, false, acc);
     if (dl.scalar_type() == acc) {
       dHn.addmm_(dl, w2c);
     } else {
