@@ -32,18 +32,22 @@ struct Dropout {
   double scale;  // 1 / (1 - p)
 };
 
-// z[c] = x[c] + dropout(y)[c] for row `r` of width C (accumulation type).
+// z[c] = x[c] + dropout(y)[c] for row `r` of width C (accumulation type).  With dropout,
+// keep_scale (if not null) receives each element's factor, 1/(1-p) or 0, for the backward.
 template <typename scalar_t, typename acc_t>
 inline void sum_row(const scalar_t* x, const scalar_t* y, int64_t r, int64_t C, const Dropout& d,
-                    acc_t* z, acc_t* tmp) {
+                    acc_t* z, acc_t* tmp, acc_t* keep_scale = nullptr) {
   using Vec = Vectorized<acc_t>;
   at::vec::convert(x, z, C);
   at::vec::convert(y, tmp, C);
   if (d.on) {
     const uint64_t base = static_cast<uint64_t>(r) * static_cast<uint64_t>(C);
     const acc_t scale = static_cast<acc_t>(d.scale);
-    for (int64_t c = 0; c < C; ++c)
-      tmp[c] = dropout_keep(d.seed, base + c, d.p) ? tmp[c] * scale : acc_t(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const bool keep = dropout_keep(d.seed, base + c, d.p);
+      tmp[c] = keep ? tmp[c] * scale : acc_t(0);
+      if (keep_scale != nullptr) keep_scale[c] = keep ? scale : acc_t(0);
+    }
   }
   at::vec::map2([](Vec a, Vec b) { return b + a; }, z, z, tmp, C);
 }
@@ -85,7 +89,7 @@ void backward_rows(const scalar_t* dOut, const scalar_t* X, const scalar_t* Yin,
   const auto add = [](Vec a, Vec c) { return a + c; };
   const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
   at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
-    std::vector<acc_t> xhat(C), tmp(C), g(C), dz(C);
+    std::vector<acc_t> xhat(C), tmp(C), g(C), dz(C), keep_scale(d.on ? C : 0);
     for (int64_t chunk = cbegin; chunk < cend; ++chunk) {
       acc_t* dw = dw_partial + chunk * C;
       acc_t* db = db_partial + chunk * C;
@@ -93,7 +97,7 @@ void backward_rows(const scalar_t* dOut, const scalar_t* X, const scalar_t* Yin,
       std::fill(db, db + C, acc_t(0));
       const int64_t rend = std::min(rows, (chunk + 1) * rows_per_chunk);
       for (int64_t r = chunk * rows_per_chunk; r < rend; ++r) {
-        sum_row(X + r * C, Yin + r * C, r, C, d, xhat.data(), tmp.data());
+        sum_row(X + r * C, Yin + r * C, r, C, d, xhat.data(), tmp.data(), keep_scale.data());
         const acc_t mu = mean[r], rs = rstd[r];
         at::vec::map([mu, rs](Vec v) { return (v - Vec(mu)) * Vec(rs); }, xhat.data(), xhat.data(), C);
         at::vec::convert(dOut + r * C, g.data(), C);  // g = dout (then dout * weight)
@@ -108,12 +112,8 @@ void backward_rows(const scalar_t* dOut, const scalar_t* X, const scalar_t* Yin,
           return Vec(rs) * (gv - Vec(mean_g) - xh * Vec(mean_gx));
         }, dz.data(), g.data(), xhat.data(), C);
         at::vec::convert(dz.data(), dX + r * C, C);
-        if (d.on) {  // dy = dz * keep / (1 - p), the same mask as the forward
-          const uint64_t base = static_cast<uint64_t>(r) * static_cast<uint64_t>(C);
-          const acc_t scale = static_cast<acc_t>(d.scale);
-          for (int64_t c = 0; c < C; ++c)
-            dz[c] = dropout_keep(d.seed, base + c, d.p) ? dz[c] * scale : acc_t(0);
-        }
+        if (d.on)  // dy = dz * keep / (1 - p), the same mask as the forward
+          at::vec::map2([](Vec a, Vec k) { return a * k; }, dz.data(), dz.data(), keep_scale.data(), C);
         at::vec::convert(dz.data(), dY + r * C, C);
       }
     }
