@@ -24,14 +24,14 @@ def _problem(q, k, v, valid_lens, dropout_p, scale, seed) -> Problem:
 
 def forward(q, k, v, valid_lens: Optional[torch.Tensor], dropout_p: float = 0.0,
             scale: Optional[float] = None, seed=None):
-    """(out[N, Lq, Dv], lse[1, N*Lq] fp32)."""
+    """(out[N, Lq, Dv], stats[2, 1, N*Lq] fp32: row max and softmax denominator)."""
     return _problem(q, k, v, valid_lens, dropout_p, scale, seed).forward()
 
 
-def backward(q, k, v, out, lse, dout, valid_lens, dropout_p: float = 0.0,
+def backward(q, k, v, out, stats, dout, valid_lens, dropout_p: float = 0.0,
              scale: Optional[float] = None, seed=None):
     """(dq, dk, dv) for :func:`forward`, the dropout mask regenerated from ``seed``."""
-    return _problem(q, k, v, valid_lens, dropout_p, scale, seed).backward(out, lse, dout)
+    return _problem(q, k, v, valid_lens, dropout_p, scale, seed).backward(out, stats, dout)
 
 
 def dropout_keep_mask(N: int, Lq: int, Lk: int, dropout_p: float, seed, device=None):

@@ -14,8 +14,10 @@ Layouts.  Every tensor is viewed as rows of heads: q, k [rows, H, D], v, out [ro
           a valid length of 0 is d2l's uniform row over all Lk keys (every score the same fill),
           whose scores get no gradient.
 Head sizes that are not powers of two (48, 96) are padded to D_PAD with masked loads; lengths
-need not be multiples of the blocks.  LSE (log-sum-exp of each row's scaled scores, fp32
-[H, rows_q]) is the only thing saved besides the inputs and the output.
+need not be multiples of the blocks.  STATS (fp32 [2, H, rows_q]: each row's score maximum m
+and softmax denominator l) is the only thing saved besides the inputs and the output; the
+backward recomputes p = exp(s - m) / l.  (A single log-sum-exp m + log l would round to the
+ulp of its magnitude and cost fp32 gradients ~8x torch's error.)
 
 Dropout: element (h, query row r, key row c) is kept iff philox(seed, (h*TQ + r)*TK + c) >= p
 (kernels/dropout.py; TQ, TK = total q and k rows), so the backward regenerates the mask and
@@ -59,6 +61,14 @@ def _key_limits(VL, z, offs_m, m_ok, Lq, seqlen_k, VL_MODE: tl.constexpr):
 
 
 @triton.jit
+def _row_stats(STATS, h, H, TQ, rows_q, m_ok):
+    """The forward's row maximum and 1 / denominator."""
+    m_i = tl.load(STATS + h * TQ + rows_q, mask=m_ok, other=0.0)
+    l_i = tl.load(STATS + (H + h) * TQ + rows_q, mask=m_ok, other=1.0)
+    return m_i, 1.0 / l_i
+
+
+@triton.jit
 def _key_loop_end(VL, z, seqlen_k, VL_MODE: tl.constexpr):
     """How far the key loop must run (a scalar: per-row lengths [N, Lq] run to Lk)."""
     if VL_MODE == 1:
@@ -76,7 +86,7 @@ def _scores(q, k, offs_n, lim, empty, scale, PREC: tl.constexpr):
 
 
 @triton.jit
-def _flash_fwd_kernel(Q, K, V, O, LSE, CU, VL, seed, dropout_p, scale, H, Lq, Lk, TQ, TK,
+def _flash_fwd_kernel(Q, K, V, O, STATS, CU, VL, seed, dropout_p, scale, H, Lq, Lk, TQ, TK,
                       D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr,
                       DV_PAD: tl.constexpr, VARLEN: tl.constexpr, VL_MODE: tl.constexpr,
                       DROPOUT: tl.constexpr, PREC: tl.constexpr,
@@ -118,16 +128,46 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU, VL, seed, dropout_p, scale, H, Lq, Lk
         out = acc / l_i[:, None]
         tl.store(O + (rows_q * H + h)[:, None] * DV + offs_dv[None, :],
                  cast(out, O.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < DV))
-        tl.store(LSE + h * TQ + rows_q, m_i + tl.log(l_i), mask=m_ok)
+        tl.store(STATS + h * TQ + rows_q, m_i, mask=m_ok)
+        tl.store(STATS + (H + h) * TQ + rows_q, l_i, mask=m_ok)
 
 
 @triton.jit
-def _flash_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, CU, VL, seed, dropout_p, scale, H,
+def _p_dp_block(q, do, K, V, start_n, k_row0, seqlen_k, h, H, rows_q, lim, empty, m_i, inv_l,
+                seed, dropout_p, scale, TQ, TK, offs_d, offs_dv, D: tl.constexpr,
+                DV: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """For one key block: k, p (the forward's probabilities) and dp (= dO v^T through the
+    dropout mask, i.e. the gradient of the undropped probabilities)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < seqlen_k
+    rows_k = (k_row0 + offs_n).to(tl.int64)
+    k = tl.load(K + (rows_k * H + h)[:, None] * D + offs_d[None, :],
+                mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + (rows_k * H + h)[:, None] * DV + offs_dv[None, :],
+                mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    s = _scores(q, k, offs_n, lim, empty, scale, PREC)
+    p = tl.exp(s - m_i[:, None]) * inv_l[:, None]
+    dp = mma(do, tl.trans(v), PREC)
+    if DROPOUT:
+        offs = (h * TQ + rows_q)[:, None] * TK + rows_k[None, :]
+        dp = tl.where(dropout_keep(seed, offs, dropout_p), dp / (1.0 - dropout_p), 0.0)
+    return k, p, dp
+
+
+@triton.jit
+def _flash_bwd_dq_kernel(Q, K, V, O, DO, STATS, DELTA, DQ, CU, VL, seed, dropout_p, scale, H,
                          Lq, Lk, TQ, TK, D: tl.constexpr, DV: tl.constexpr,
                          D_PAD: tl.constexpr, DV_PAD: tl.constexpr, VARLEN: tl.constexpr,
                          VL_MODE: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dQ for one query block; also stores DELTA = rowsum(dO * O) for the dK/dV kernel."""
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         EXACT_DELTA: tl.constexpr):
+    """dQ for one query block; also stores DELTA_i = sum_j p_ij dp_ij for the dK/dV kernel.
+
+    EXACT_DELTA (fp32): DELTA from the recomputed p and dp in a first pass over the keys, as
+    torch's softmax backward does: dp's rounding errors then cancel in dp - DELTA (from
+    rowsum(dO * O) they do not, and fp32 dQ misses torch's accuracy several times over).
+    16-bit inputs take the usual flash shortcut rowsum(dO * O), a third of the work."""
     pid_m, z, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_row0, k_row0, seqlen_q, seqlen_k = _seq_bounds(CU, z, Lq, Lk, VARLEN)
     start_m = pid_m * BLOCK_M
@@ -142,26 +182,25 @@ def _flash_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, CU, VL, seed, dropout_p
         q = tl.load(Q + (rows_q * H + h)[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
         o_offs = (rows_q * H + h)[:, None] * DV + offs_dv[None, :]
         do = tl.load(DO + o_offs, mask=o_mask, other=0.0)
-        o = tl.load(O + o_offs, mask=o_mask, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-        tl.store(DELTA + h * TQ + rows_q, delta, mask=m_ok)
-        lse = tl.load(LSE + h * TQ + rows_q, mask=m_ok, other=0.0)
+        m_i, inv_l = _row_stats(STATS, h, H, TQ, rows_q, m_ok)
         lim, empty = _key_limits(VL, z, offs_m, m_ok, Lq, seqlen_k, VL_MODE)
-        dq = tl.zeros((BLOCK_M, D_PAD), tl.float32)
         n_end = _key_loop_end(VL, z, seqlen_k, VL_MODE)
+        if EXACT_DELTA:
+            delta = tl.zeros((BLOCK_M,), tl.float32)
+            for start_n in range(0, n_end, BLOCK_N):
+                _, p, dp = _p_dp_block(q, do, K, V, start_n, k_row0, seqlen_k, h, H, rows_q,
+                                       lim, empty, m_i, inv_l, seed, dropout_p, scale, TQ, TK,
+                                       offs_d, offs_dv, D, DV, DROPOUT, PREC, BLOCK_N)
+                delta += tl.sum(p * dp, axis=1)
+        else:
+            o = tl.load(O + o_offs, mask=o_mask, other=0.0)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        tl.store(DELTA + h * TQ + rows_q, delta, mask=m_ok)
+        dq = tl.zeros((BLOCK_M, D_PAD), tl.float32)
         for start_n in range(0, n_end, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < seqlen_k
-            rows_k = (k_row0 + offs_n).to(tl.int64)
-            k = tl.load(K + (rows_k * H + h)[:, None] * D + offs_d[None, :],
-                        mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            v = tl.load(V + (rows_k * H + h)[:, None] * DV + offs_dv[None, :],
-                        mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            p = tl.exp(_scores(q, k, offs_n, lim, empty, scale, PREC) - lse[:, None])
-            dp = mma(do, tl.trans(v), PREC)
-            if DROPOUT:
-                offs = (h * TQ + rows_q)[:, None] * TK + rows_k[None, :]
-                dp = tl.where(dropout_keep(seed, offs, dropout_p), dp / (1.0 - dropout_p), 0.0)
+            k, p, dp = _p_dp_block(q, do, K, V, start_n, k_row0, seqlen_k, h, H, rows_q, lim,
+                                   empty, m_i, inv_l, seed, dropout_p, scale, TQ, TK, offs_d,
+                                   offs_dv, D, DV, DROPOUT, PREC, BLOCK_N)
             ds = tl.where(empty[:, None] | ~m_ok[:, None], 0.0, p * (dp - delta[:, None]))
             dq += mma(cast(ds, k.dtype), k, PREC)
         tl.store(DQ + (rows_q * H + h)[:, None] * D + offs_d[None, :],
@@ -169,7 +208,7 @@ def _flash_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, CU, VL, seed, dropout_p
 
 
 @triton.jit
-def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, CU, VL, seed, dropout_p, scale,
+def _flash_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV_OUT, CU, VL, seed, dropout_p, scale,
                            H, Lq, Lk, TQ, TK, D: tl.constexpr, DV: tl.constexpr,
                            D_PAD: tl.constexpr, DV_PAD: tl.constexpr, VARLEN: tl.constexpr,
                            VL_MODE: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
@@ -199,11 +238,11 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, CU, VL, seed, dr
                         mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
             do = tl.load(DO + (rows_q * H + h)[:, None] * DV + offs_dv[None, :],
                          mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            lse = tl.load(LSE + h * TQ + rows_q, mask=m_ok, other=0.0)
+            m_i, inv_l = _row_stats(STATS, h, H, TQ, rows_q, m_ok)
             delta = tl.load(DELTA + h * TQ + rows_q, mask=m_ok, other=0.0)
             lim, empty = _key_limits(VL, z, offs_m, m_ok, Lq, seqlen_k, VL_MODE)
-            p = tl.exp(_scores(q, k, offs_n, lim, empty, scale, PREC) - lse[:, None])
-            p = tl.where(m_ok[:, None], p, 0.0)
+            s = _scores(q, k, offs_n, lim, empty, scale, PREC)
+            p = tl.where(m_ok[:, None], tl.exp(s - m_i[:, None]) * inv_l[:, None], 0.0)
             dp = mma(do, tl.trans(v), PREC)
             if DROPOUT:
                 offs = (h * TQ + rows_q)[:, None] * TK + rows_k[None, :]
@@ -264,26 +303,27 @@ class Problem:
 
     def forward(self):
         out = torch.empty(self.q.shape[:-1] + (self.DV,), dtype=self.q.dtype, device=self.q.device)
-        lse = torch.empty((self.H, self.TQ), dtype=torch.float32, device=self.q.device)
+        stats = torch.empty((2, self.H, self.TQ), dtype=torch.float32, device=self.q.device)
         if out.numel() and self.max_q > 0 and self.max_k > 0:
             grid = (triton.cdiv(self.max_q, self.block_m), self.n_seqs, self.H)
-            _flash_fwd_kernel[grid](self.q, self.k, self.v, out, lse, *self.scalars(),
+            _flash_fwd_kernel[grid](self.q, self.k, self.v, out, stats, *self.scalars(),
                                     **self.meta())
         elif out.numel():
             out.zero_()
-        return out, lse
+        return out, stats
 
-    def backward(self, out, lse, dout):
+    def backward(self, out, stats, dout):
         dq, dk, dv = (torch.empty_like(t) for t in (self.q, self.k, self.v))
         if self.max_q <= 0 or self.max_k <= 0:
             return dq.zero_(), dk.zero_(), dv.zero_()
         out, dout = out.contiguous(), dout.contiguous()
-        delta = torch.empty_like(lse)
+        delta = torch.empty(stats.shape[1:], dtype=torch.float32, device=stats.device)
         grid_q = (triton.cdiv(self.max_q, self.block_m), self.n_seqs, self.H)
-        _flash_bwd_dq_kernel[grid_q](self.q, self.k, self.v, out, dout, lse, delta, dq,
-                                     *self.scalars(), **self.meta())
+        _flash_bwd_dq_kernel[grid_q](self.q, self.k, self.v, out, dout, stats, delta, dq,
+                                     *self.scalars(), **self.meta(),
+                                     EXACT_DELTA=self.q.dtype == torch.float32)
         grid_k = (triton.cdiv(self.max_k, self.block_n), self.n_seqs, self.H)
-        _flash_bwd_dkdv_kernel[grid_k](self.q, self.k, self.v, dout, lse, delta, dk, dv,
+        _flash_bwd_dkdv_kernel[grid_k](self.q, self.k, self.v, dout, stats, delta, dk, dv,
                                        *self.scalars(), **self.meta())
         return dq, dk, dv
 
@@ -297,16 +337,16 @@ def _varlen_problem(q, k, v, cu_seqlens, max_len, dropout_p, scale, seed) -> Pro
 
 def forward(q, k, v, cu_seqlens, max_len: int, dropout_p: float = 0.0,
             scale: Optional[float] = None, seed=None):
-    """(out[T, H, D], lse[H, T] fp32).  ``max_len`` must bound every sequence's length (the
+    """(out[T, H, D], stats[2, H, T] fp32: row max and softmax denominator).  ``max_len`` must bound every sequence's length (the
     grid covers max_len queries per sequence; an upper bound such as the padded L is fine)."""
     return _varlen_problem(q, k, v, cu_seqlens, max_len, dropout_p, scale, seed).forward()
 
 
-def backward(q, k, v, out, lse, dout, cu_seqlens, max_len: int, dropout_p: float = 0.0,
+def backward(q, k, v, out, stats, dout, cu_seqlens, max_len: int, dropout_p: float = 0.0,
              scale: Optional[float] = None, seed=None):
     """(dq, dk, dv) for :func:`forward`, the dropout mask regenerated from ``seed``."""
     problem = _varlen_problem(q, k, v, cu_seqlens, max_len, dropout_p, scale, seed)
-    return problem.backward(out, lse, dout)
+    return problem.backward(out, stats, dout)
 
 
 def dropout_keep_mask(cu_seqlens: torch.Tensor, H: int, L: int, dropout_p: float, seed):

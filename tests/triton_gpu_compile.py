@@ -67,11 +67,12 @@ def variants(full: bool):
                         H="i32", Lq="i32", Lk="i32", TQ="i32", TK="i32")
             tag = f"D{D} varlen={varlen} vl={vl_mode} dropout={drop}"
             yield f"flash_fwd {tag}", varlen_attention._flash_fwd_kernel, dict(
-                Q=p, K=p, V=p, O=p, LSE="*fp32", **scal), c
+                Q=p, K=p, V=p, O=p, STATS="*fp32", **scal), c
             yield f"flash_bwd_dq {tag}", varlen_attention._flash_bwd_dq_kernel, dict(
-                Q=p, K=p, V=p, O=p, DO=p, LSE="*fp32", DELTA="*fp32", DQ=p, **scal), c
+                Q=p, K=p, V=p, O=p, DO=p, STATS="*fp32", DELTA="*fp32", DQ=p, **scal), dict(
+                c, EXACT_DELTA=dt == "fp32")
             yield f"flash_bwd_dkdv {tag}", varlen_attention._flash_bwd_dkdv_kernel, dict(
-                Q=p, K=p, V=p, DO=p, LSE="*fp32", DELTA="*fp32", DK=p, DV_OUT=p, **scal), c
+                Q=p, K=p, V=p, DO=p, STATS="*fp32", DELTA="*fp32", DK=p, DV_OUT=p, **scal), c
         bm, bn, bk = ffn._blocks(4096, 4096, 4096)  # the launcher's GPU blocks
         for epi in range(5) if every else (0, 2):
             c = dict(HAS_BIAS=epi < 3, EPILOGUE=epi, STORE_PRE=epi == 2, PREC=PREC[dt],

@@ -26,7 +26,7 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, valid_lens: Optional[Tensor],
 @attention_op.register_fake
 def _(q, k, v, valid_lens, dropout_p, scale, seed):
     N, Lq, _ = q.shape
-    return q.new_empty((N, Lq, v.shape[-1])), q.new_empty((1, N * Lq), dtype=torch.float32)
+    return q.new_empty((N, Lq, v.shape[-1])), q.new_empty((2, 1, N * Lq), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastbert_triton::attention_backward", mutates_args=())

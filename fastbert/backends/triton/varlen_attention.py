@@ -1,7 +1,8 @@
 """Triton glue for ``varlen_attention`` (kernels: kernels/varlen_attention.py).
 
 custom_op + register_fake + register_autograd, not triton_op: see masked_softmax.py here.
-The forward returns (out, lse); the backward op recomputes the probabilities from lse and
+The forward returns (out, stats: row max and denominator); the backward op recomputes the
+probabilities from them and
 regenerates the dropout mask from ``seed`` (nothing [T, T]-sized is saved).
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ def varlen_attention_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max
 def _(q, k, v, cu_seqlens, max_len, dropout_p, scale, seed):
     T, H, _ = q.shape
     return (q.new_empty((T, H, v.shape[-1])),
-            q.new_empty((H, T), dtype=torch.float32))
+            q.new_empty((2, H, T), dtype=torch.float32))
 
 
 @torch.library.custom_op("fastbert_triton::varlen_attention_backward", mutates_args=())
