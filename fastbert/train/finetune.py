@@ -28,8 +28,8 @@ from ..data.vocab import Vocab
 from ..hub import DATA_HUB, infer_bert_config, load_pretrained_model, resolve_pretrained_dir
 from .common import (MetricsLog, RunConfig, Timer, all_reduce_sum, autocast,
                      cleanup_distributed, cpu_threads, find_resume_checkpoint, load_checkpoint,
-                     make_grad_scaler, progress, resolve_device, rng_state, save_checkpoint,
-                     seed_everything, set_rng_state, setup_distributed)
+                     make_adam, make_grad_scaler, progress, resolve_device, rng_state,
+                     save_checkpoint, seed_everything, set_rng_state, setup_distributed)
 
 __all__ = ["FinetuneConfig", "finetune", "PairDataset", "build_finetune_model",
            "prepare_snli_datasets", "evaluate_accuracy"]
@@ -214,7 +214,7 @@ def _finetune(cfg: FinetuneConfig, dist) -> Dict[str, Any]:
     if cfg.lr is None:
         # The book fine-tunes pretrained weights at 1e-4; a fresh model learns faster at 5e-4.
         cfg = dataclasses.replace(cfg, lr=1e-4 if cfg.pretrained else 5e-4)
-    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=cfg.lr)
+    optimizer = make_adam([p for p in net.parameters() if p.requires_grad], cfg.lr)
     scaler = make_grad_scaler(device, cfg.amp)
     log = MetricsLog(cfg.out_dir, dataclasses.asdict(cfg), enabled=main)
     start_epoch = start_step = global_step = 0
@@ -310,7 +310,8 @@ def _finetune(cfg: FinetuneConfig, dist) -> Dict[str, Any]:
             num_examples_timed += int(batch[2])
             step_in_epoch += 1
             global_step += 1
-            log.steps.append({"step": global_step, "epoch_float": epoch + step_in_epoch / num_batches,
+            log.steps.append({"step": global_step,
+                              "epoch_float": epoch + step_in_epoch / num_batches,
                               "loss": float(batch[0] / batch[2]),
                               "train_acc": float(batch[1] / batch[2]),
                               "examples": int(batch[2]), "seconds": step_seconds})

@@ -27,8 +27,8 @@ from ..data.paths import default_data_dir
 from ..data.wiki import WikiTextDataset, read_wiki
 from .common import (MetricsLog, RunConfig, Timer, all_reduce_sum, autocast,
                      cleanup_distributed, cpu_threads, find_resume_checkpoint, load_checkpoint,
-                     make_grad_scaler, progress, resolve_device, rng_state, save_checkpoint,
-                     seed_everything, set_rng_state, setup_distributed)
+                     make_adam, make_grad_scaler, progress, resolve_device, rng_state,
+                     save_checkpoint, seed_everything, set_rng_state, setup_distributed)
 
 __all__ = ["PretrainConfig", "pretrain", "PretrainLoss", "batch_loss_bert"]
 
@@ -130,7 +130,7 @@ def _pretrain(cfg: PretrainConfig, dist) -> Dict[str, Any]:
     if not bert.encoder.train_pos_embedding:
         bert.encoder.pos_embedding.requires_grad_(False)  # d2l 0.17 never trains it
     step_module = PretrainLoss(bert, len(vocab), cfg.mlm_loss == "book").to(device)
-    optimizer = torch.optim.Adam([p for p in bert.parameters() if p.requires_grad], lr=cfg.lr)
+    optimizer = make_adam([p for p in bert.parameters() if p.requires_grad], cfg.lr)
     scaler = make_grad_scaler(device, cfg.amp)
     log = MetricsLog(cfg.out_dir, dataclasses.asdict(cfg), enabled=main)
     start_epoch = start_step = global_step = 0
@@ -222,7 +222,8 @@ def _pretrain(cfg: PretrainConfig, dist) -> Dict[str, Any]:
             pairs += int(counts[0].item())
             step_in_epoch += 1
             global_step += 1
-            log.steps.append({"step": global_step, "epoch_float": epoch + step_in_epoch / num_batches,
+            log.steps.append({"step": global_step,
+                              "epoch_float": epoch + step_in_epoch / num_batches,
                               "mlm_loss": float(vals[0]), "nsp_loss": float(vals[1]),
                               "examples": int(counts[0].item()), "seconds": step_seconds})
             if hasattr(bar, "set_postfix"):
