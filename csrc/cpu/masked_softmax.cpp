@@ -12,7 +12,6 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <vector>
 
 #include "cpu/cpu_common.h"
@@ -62,12 +61,13 @@ acc_t exp_and_sum(acc_t* buf, int64_t len, acc_t mx) {
     e.store(buf + j);
     vsum = vsum + e;
   }
-  acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, vsum);
-  for (; j < len; ++j) {
-    buf[j] = std::exp(buf[j] - mx);
-    sum += buf[j];
+  if (j < len) {  // the tail as one partial vector (random lengths make tails common)
+    const int64_t n = len - j;
+    const Vec e = (Vec::loadu(buf + j, n) - vmax).exp_u20();
+    e.store(buf + j, n);
+    vsum = vsum + Vec::set(Vec(acc_t(0)), e, n);
   }
-  return sum;
+  return at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, vsum);
 }
 
 template <typename scalar_t>
