@@ -574,3 +574,29 @@ def test_minilm_matches_transformers_on_snli(minilm, backend, unpadded):
     torch.testing.assert_close(pooled, want.pooler_output, rtol=0, atol=1e-4)
     if unpadded:
         assert torch.all(enc[~m] == 0)
+
+
+def test_minilm_matches_hf_math_without_transformers():
+    """The real checkpoint against the independent float64 re-implementation of HF's math
+    (needs only safetensors and the MiniLM package, not transformers)."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    path = _minilm_path()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MiniLM has no MLM/NSP heads
+        model, tok = hf.load_hf_bert(path)
+    sd = safetensors.load_file(os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    premises, hypotheses = _snli_pairs()
+    picks = [3, 9, 77, 2024]
+    tokens, segments, valid_lens = tok.encode_pairs([premises[i] for i in picks],
+                                                    [hypotheses[i] for i in picks], max_len=64)
+    mask = _mask(tokens, valid_lens)
+    ref = hf_reference({k: v for k, v in sd.items() if v.is_floating_point()}, cfg, tokens,
+                       segments, mask)
+    with torch.no_grad(), fastbert.use_backend("reference"):
+        enc, _, _ = model(tokens, segments, valid_lens)
+        pooled = model.hidden(enc[:, 0])
+    m = mask.bool()
+    torch.testing.assert_close(enc[m].double(), ref["hidden"][m], rtol=0, atol=1e-4)
+    torch.testing.assert_close(pooled.double(), ref["pooled"], rtol=0, atol=1e-4)
