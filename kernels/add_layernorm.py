@@ -100,10 +100,11 @@ def _geometry(x: torch.Tensor):
 
 def forward(x, y, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
             dropout_p: float = 0.0, seed=None):
-    """(out like x, mean[R] fp32, rstd[R] fp32)."""
+    """(out [x.shape] in the promoted dtype of x and y (as ``dropout(y) + x``), mean[R] fp32,
+    rstd[R] fp32)."""
     x, y = x.contiguous(), y.contiguous()
     R, C, block_r, block_c, n_prog = _geometry(x)
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, y.dtype), device=x.device)
     mean = torch.empty(R, dtype=torch.float32, device=x.device)
     rstd = torch.empty(R, dtype=torch.float32, device=x.device)
     if R and C:

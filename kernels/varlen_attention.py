@@ -337,8 +337,9 @@ def _varlen_problem(q, k, v, cu_seqlens, max_len, dropout_p, scale, seed) -> Pro
 
 def forward(q, k, v, cu_seqlens, max_len: int, dropout_p: float = 0.0,
             scale: Optional[float] = None, seed=None):
-    """(out[T, H, D], stats[2, H, T] fp32: row max and softmax denominator).  ``max_len`` must bound every sequence's length (the
-    grid covers max_len queries per sequence; an upper bound such as the padded L is fine)."""
+    """(out[T, H, D], stats[2, H, T] fp32: row max and softmax denominator).  ``max_len``
+    must bound every sequence's length (the grid covers max_len queries per sequence; an upper
+    bound such as the padded L is fine)."""
     return _varlen_problem(q, k, v, cu_seqlens, max_len, dropout_p, scale, seed).forward()
 
 

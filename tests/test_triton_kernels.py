@@ -540,3 +540,58 @@ def test_kernels_compile_for_gpu_targets():
     report = run.stdout + run.stderr
     assert run.returncode == 0, report[-6000:]
     assert report.count("ok: ") >= 40, report[-3000:]
+
+
+# ----------------------------------------------------------------------------- dtypes
+def test_add_layernorm_mixed_dtypes_promote_like_the_reference():
+    """The model under autocast feeds an fp32 residual x and a bf16 sublayer output y."""
+    x = torch.randn(3, 5, 40, device=DEVICE)
+    y = torch.randn(3, 5, 40, device=DEVICE).bfloat16()
+    w, b = torch.randn(40, device=DEVICE), torch.randn(40, device=DEVICE)
+
+    def run(t, kernel):
+        x_, y_, w_, b_ = t
+        if kernel:
+            with on_backend("triton", "add_layernorm", DEVICE, torch.float32):
+                return ops.add_layernorm(x_, y_.bfloat16(), w_, b_, 1e-5)
+        return R.add_layernorm(x_, y_.to(torch.bfloat16).to(x_.dtype), w_, b_, 1e-5)
+
+    xs = leaves(x, y, w, b, dtype=torch.float32)
+    out = run(xs, True)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    ref_xs = leaves(x, y, w, b, dtype=torch.float64)
+    ref = run(ref_xs, False)
+    ref.sum().backward()
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+    for a, r in zip(xs, ref_xs):
+        torch.testing.assert_close(a.grad.double(), r.grad, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["attention", "varlen_attention"])
+def test_attention_under_bf16_autocast_runs_in_bf16(op):
+    """Like the reference's bmm under autocast: bf16 compute, fp32 leaves get fp32 grads."""
+    if DEVICE.type != "cpu":
+        pytest.skip("checks CPU autocast (the interpreter path)")
+    lengths, H, D = [5, 1, 9], 2, 16
+    cu = cu_from(lengths)
+    q = torch.randn(sum(lengths), H, D, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with on_backend("triton", op, DEVICE, torch.float32):
+            if op == "varlen_attention":
+                out = ops.varlen_attention(q, q, q, cu, 9)
+            else:
+                heads = R.unpack(q, cu, 9).permute(0, 2, 1, 3).reshape(-1, 9, D)
+                out = ops.attention(heads, heads, heads,
+                                    torch.tensor(lengths).repeat_interleave(H))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+    qb = q.detach().bfloat16().double()
+    if op == "varlen_attention":
+        ref = ref_varlen_with_mask(qb, qb, qb, cu, 9, None, 0.0)
+    else:
+        hb = R.unpack(qb, cu, 9).permute(0, 2, 1, 3).reshape(-1, 9, D)
+        ref = ref_attention_with_mask(hb, hb, hb, torch.tensor(lengths).repeat_interleave(H),
+                                      None, 0.0)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)

@@ -24,7 +24,8 @@ def add_layernorm_op(x: Tensor, y: Tensor, weight: Optional[Tensor], bias: Optio
 def _(x, y, weight, bias, eps, dropout_p, seed):
     R = x.numel() // x.shape[-1] if x.shape[-1] else 0
     stats = x.new_empty((R,), dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, stats.clone()
+    out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, y.dtype))
+    return out, stats, stats.clone()
 
 
 @torch.library.custom_op("fastbert_triton::add_layernorm_backward", mutates_args=())

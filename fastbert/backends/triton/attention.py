@@ -15,6 +15,8 @@ from torch import Tensor
 from fastbert import ops
 from fastbert.kernels import attention as kernel
 
+from ._autocast import autocast_dtype, cast
+
 
 @torch.library.custom_op("fastbert_triton::attention", mutates_args=())
 def attention_op(q: Tensor, k: Tensor, v: Tensor, valid_lens: Optional[Tensor],
@@ -65,6 +67,7 @@ attention_op.register_autograd(_backward, setup_context=_setup_context)
 def attention(q, k, v, valid_lens, dropout_p: float = 0.0, scale: Optional[float] = None,
               seed=None):
     """The reference signature; ``seed`` (extra, keyword) lets tests fix the dropout mask."""
+    q, k, v = cast(autocast_dtype(q.device.type, q, k, v), q, k, v)
     if dropout_p > 0 and seed is None:
         seed = ops.dropout_seed(dropout_p)
     return attention_op(q, k, v, valid_lens, dropout_p, scale,

@@ -12,6 +12,8 @@ from torch import Tensor
 
 from fastbert.kernels import ffn as kernel
 
+from ._autocast import autocast_dtype, cast
+
 
 @torch.library.custom_op("fastbert_triton::ffn", mutates_args=())
 def ffn_op(x2d: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
@@ -66,6 +68,7 @@ ffn_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def ffn(x, w1, b1, w2, b2, activation: str = "relu"):
+    x, w1, b1, w2, b2 = cast(autocast_dtype(x.device.type, x, w1, b1, w2, b2), x, w1, b1, w2, b2)
     lead = x.shape[:-1]
     out = ffn_op(x.reshape(-1, x.shape[-1]), w1, b1, w2, b2, activation)[0]
     return out.reshape(lead + (w2.shape[0],))

@@ -15,6 +15,8 @@ from torch import Tensor
 from fastbert import ops
 from fastbert.kernels import varlen_attention as kernel
 
+from ._autocast import autocast_dtype, cast
+
 
 @torch.library.custom_op("fastbert_triton::varlen_attention", mutates_args=())
 def varlen_attention_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_len: int,
@@ -65,6 +67,7 @@ varlen_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 def varlen_attention(q, k, v, cu_seqlens, max_len: int, dropout_p: float = 0.0,
                      scale: Optional[float] = None, seed=None):
+    q, k, v = cast(autocast_dtype(q.device.type, q, k, v), q, k, v)
     if dropout_p > 0 and seed is None:
         seed = ops.dropout_seed(dropout_p)
     return varlen_attention_op(q, k, v, cu_seqlens, max_len, dropout_p, scale,
