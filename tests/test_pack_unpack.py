@@ -181,3 +181,36 @@ def test_cuda_kernels_match_reference():
             assert torch.equal(packed.cpu(), ref_packed) and torch.equal(cu.cpu(), ref_cu)
             assert torch.equal(fb.unpack(packed, cu, L).cpu(), reference.unpack(ref_packed, ref_cu, L))
             assert torch.equal(fb.pack_rows(X.cuda(), cu, packed.shape[0]).cpu(), ref_packed)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_compile_dynamic_shapes_through_the_packed_path(backend):
+    """pack -> add_layernorm (dropout) -> unpack -> gather, compiled once with dynamic=True
+    and reused for other B and L: same values and gradients as eager."""
+    device, dtype = device_for(backend), torch.float32
+    torch._dynamo.reset()
+
+    def f(x, v, pos, w, b, seed):
+        packed, cu, _ = ops.pack(x, v)
+        h = ops.add_layernorm(packed, torch.tanh(packed), w, b, 1e-5, 0.1, seed)
+        return ops.gather_positions(ops.unpack(h, cu, x.shape[1]), pos)
+
+    with on_backend(backend, "pack", device, dtype):
+        for op in ("unpack", "add_layernorm", "gather_positions"):
+            with on_backend(backend, op, device, dtype):
+                pass
+        compiled = torch.compile(f, fullgraph=True, dynamic=True)
+        for B, L in ((3, 8), (5, 12), (4, 7)):
+            x = torch.randn(B, L, 16, device=device)
+            v = torch.randint(0, L + 1, (B,), device=device)
+            pos = torch.randint(0, L, (B, 4), device=device)
+            w, b = torch.randn(16, device=device), torch.randn(16, device=device)
+            seed = torch.tensor(5)
+            results = []
+            for fn in (compiled, f):
+                inputs = [t.clone().requires_grad_() for t in (x, w, b)]
+                out = fn(inputs[0], v, pos, inputs[1], inputs[2], seed)
+                out.sum().backward()
+                results.append([out] + [t.grad for t in inputs])
+            for a, e in zip(*results):
+                torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
