@@ -258,3 +258,23 @@ def test_cpp_dropout_mask_bad_input():
         torch.ops.fastbert.dropout_mask(torch.tensor(1), [4], 1.0)
     with pytest.raises(RuntimeError, match="0-d int64 CPU"):
         torch.ops.fastbert.dropout_mask(torch.tensor([1, 2]), [4], 0.5)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_mixed_dtypes_promote_like_the_reference(backend):
+    """fp32 x (the residual) + bf16 y (a sublayer's output under autocast): computed in the
+    promoted dtype, as ``dropout(y) + x`` does in the reference; grads come back per dtype."""
+    device = device_for(backend)
+    x = torch.randn(3, 5, 24, device=device)
+    y = torch.randn(3, 5, 24, device=device).bfloat16()
+    w, b = torch.randn(24, device=device), torch.randn(24, device=device)
+    with on_backend(backend, "add_layernorm", device, torch.float32):
+        xk, yk = x.clone().requires_grad_(), y.clone().requires_grad_()
+        out = ops.add_layernorm(xk, yk, w, b, EPS, 0.0)
+        out.sum().backward()
+    x64, y64 = x.double().requires_grad_(), y.double().requires_grad_()
+    ref = F.layer_norm(x64 + y64, (24,), w.double(), b.double(), EPS)
+    ref.sum().backward()
+    assert out.dtype == torch.float32 and xk.grad.dtype == torch.float32 and yk.grad.dtype == torch.bfloat16
+    assert_close(out, ref.detach(), atol=1e-5, name="mixed-dtype add_layernorm")
+    assert_close(yk.grad.double(), y64.grad, atol=2e-2, name="mixed-dtype dy")

@@ -77,6 +77,9 @@ torch.library.register_autograd("fastbert::add_layernorm_backward", _no_double_b
 def add_layernorm(x, y, weight, bias, eps: float, dropout_p: float = 0.0, seed=None):
     if dropout_p > 0 and seed is None:
         seed = _front.dropout_seed(dropout_p)
+    if x.dtype != y.dtype:  # e.g. autocast: fp32 residual + bf16 sublayer output, as the reference
+        dtype = torch.promote_types(x.dtype, y.dtype)
+        x, y = x.to(dtype), y.to(dtype)
     return _ops.add_layernorm(x, y, weight, bias, float(eps), float(dropout_p),
                               seed if dropout_p > 0 else None)[0]
 
