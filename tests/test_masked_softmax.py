@@ -3,6 +3,10 @@
 Reference: fastbert/backends/reference.py (d2l semantics).  Kernels: csrc/cpu/masked_softmax.cpp
 (cpp), kernels/masked_softmax.py (triton).
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -159,3 +163,25 @@ def test_cuda_kernel_matches_reference(dtype):
             (dXlp,) = torch.autograd.grad(Ylp, Xlp, dY)
             assert_close(Y.cpu(), Y64, Ylp, name="CUDA masked_softmax")
             assert_close(dX.cpu(), dX64, dXlp, name="CUDA masked_softmax dX")
+
+
+def test_without_the_extension_the_package_falls_back_with_one_warning():
+    """An unbuilt fastbert._C leaves a working package: reference results, one warning."""
+    code = (
+        "import sys, warnings; sys.modules['fastbert._C'] = None\n"
+        "import torch, fastbert\n"
+        "from fastbert import ops\n"
+        "from fastbert.backends import reference\n"
+        "X = torch.randn(2, 3, 4); vl = torch.tensor([0, 2])\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    with fastbert.use_backend('cpp'):\n"
+        "        Y = ops.masked_softmax(X, vl); ops.masked_softmax(X, vl)\n"
+        "        ops.pack(torch.randn(2, 3, 4), vl)\n"
+        "assert torch.equal(Y, reference.masked_softmax(X, vl.int())), 'wrong fallback'\n"
+        "msgs = [str(x.message) for x in w if 'fastbert' in str(x.message)]\n"
+        "assert len(msgs) == 1 and 'not available' in msgs[0], msgs\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
