@@ -65,7 +65,17 @@ def _run(benchmark, fn, timing, group, *, kind, impl, dtype_name, batch, tokens,
     benchmark.group = group
     seconds = harness.measure(benchmark, fn, timing, torch.device("cuda"))
     harness.record(benchmark, seconds, kind=kind, impl=impl, dtype=dtype_name, batch=batch,
-                   tokens=tokens, **counts)
+                   tokens=tokens, ceilings=_CEILINGS.get("value"), **counts)
+
+
+_CEILINGS: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _ceilings(ceilings):
+    """The matmul/copy ceilings bench_ceilings.py measured in this run (% of ceiling)."""
+    _CEILINGS["value"] = ceilings
+    yield
 
 
 # ----------------------------------------------------------------------------- attention
