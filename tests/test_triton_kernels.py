@@ -595,3 +595,21 @@ def test_attention_under_bf16_autocast_runs_in_bf16(op):
         ref = ref_attention_with_mask(hb, hb, hb, torch.tensor(lengths).repeat_interleave(H),
                                       None, 0.0)
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_scatter_add_backward_is_deterministic_with_repeats():
+    """Repeated positions add up in a fixed order: two runs agree bit for bit."""
+    X = torch.randn(3, 17, 40, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.tensor([[4, 4, 4, 0, 16, 4], [1, 1, 2, 2, 3, 3], [0, 0, 0, 0, 0, 0]],
+                       device=DEVICE)
+    g = torch.randn(3, 6, 40, device=DEVICE, dtype=torch.bfloat16)
+    grads = []
+    for _ in range(2):
+        with on_backend("triton", "gather_positions", DEVICE, torch.bfloat16):
+            out = ops.gather_positions(X, pos)
+        grads.append(torch.autograd.grad(out, X, g)[0])
+    assert torch.equal(grads[0], grads[1])
+    want = torch.zeros(3, 17, 40, dtype=torch.float64, device=DEVICE)
+    want.index_put_((torch.arange(3, device=DEVICE)[:, None], pos), g.double(), accumulate=True)
+    # fp32 accumulation, one rounding to bf16 at the end
+    torch.testing.assert_close(grads[0], want.bfloat16(), atol=0, rtol=0)
