@@ -16,6 +16,8 @@ from .layers import (AddNorm, DotProductAttention, EncoderBlock, MultiHeadAttent
 
 __version__ = "0.1.0"
 
+backends.preload()  # load the kernels now, not inside a torch.compile trace
+
 __all__ = [
     "BERTClassifier", "BERTEncoder", "BERTModel", "MaskLM", "NextSentencePred",
     "get_tokens_and_segments", "AddNorm", "DotProductAttention", "EncoderBlock",

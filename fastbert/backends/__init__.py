@@ -28,7 +28,7 @@ import torch
 
 __all__ = [
     "Backend", "register_backend", "set_backend", "get_backend", "use_backend",
-    "available_backends", "resolve", "resolve_name", "BACKEND_NAMES",
+    "available_backends", "resolve", "resolve_name", "preload", "BACKEND_NAMES",
 ]
 
 BACKEND_NAMES = ("auto", "reference", "cpp", "triton")
@@ -93,6 +93,17 @@ def _load(name: str) -> Backend:
     return _registry[name]
 
 
+def preload() -> None:
+    """Import every backend that can serve this machine now, outside any torch.compile trace
+    (an import cannot be traced: a model whose first call is compiled must find its backends
+    loaded).  Triton is imported only when it can run: a CUDA device or TRITON_INTERPRET=1."""
+    for name in ("reference", "cpp", "triton"):
+        if name == "triton" and not (torch.cuda.is_available()
+                                     or os.environ.get("TRITON_INTERPRET") == "1"):
+            continue
+        _load(name)
+
+
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
@@ -103,6 +114,8 @@ def set_backend(name: str) -> None:
     """Choose the backend for the whole process (``auto`` restores the default)."""
     global _process_choice
     _process_choice = _check_name(name)
+    if name != "auto":
+        _load(name)
     _resolve_cache.clear()
 
 
@@ -123,6 +136,8 @@ def get_backend() -> str:
 def use_backend(name: str) -> Iterator[None]:
     """Use backend ``name`` inside a ``with`` block (nestable)."""
     _block_stack.append(_check_name(name))
+    if name != "auto":
+        _load(name)
     _resolve_cache.clear()
     try:
         yield
