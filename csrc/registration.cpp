@@ -59,6 +59,36 @@ TORCH_LIBRARY(fastbert, m) {
         "(Tensor grad_X, Tensor grad_w1, Tensor grad_b1, Tensor grad_ln_weight, "
         "Tensor grad_ln_bias, Tensor grad_w2, Tensor grad_b2)");
 
+  // attention (padded): q[N, Lq, D], k[N, Lk, D], v[N, Lk, Dv], valid_lens None, [N] or
+  // [N, Lq] int32 (0 -> uniform row); dropout on the probabilities from seed (element
+  // (n, i, j) has counter (n * Lq + i) * Lk + j).  lse [N, Lq] fp32 is the per-row logsumexp
+  // (the backward recomputes each row's softmax from q, k; csrc/cpu/attention.cpp).
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? valid_lens, float dropout_p, "
+        "float scale, Tensor? seed) -> (Tensor out, Tensor lse)");
+  m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+        "Tensor lse, Tensor? valid_lens, float dropout_p, float scale, Tensor? seed) "
+        "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+
+  // varlen_attention: attention within each packed sequence of q, k, v[T, H, D]
+  // (cu_seqlens[B+1] int32 offsets); lse [T, H] fp32.  The score element (query token t,
+  // head h, key token u) has dropout counter (t * H + h) * T + u
+  // (csrc/cpu/varlen_attention.cpp).
+  m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float dropout_p, "
+        "float scale, Tensor? seed) -> (Tensor out, Tensor lse)");
+  m.def("varlen_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+        "Tensor out, Tensor lse, Tensor cu_seqlens, float dropout_p, float scale, "
+        "Tensor? seed) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+
+  // ffn: dense2(act(dense1(x))), nn.Linear layouts w1[F, C], w2[C2, F], activation "relu"
+  // or "gelu" (erf).  saved [M, F] is what the backward needs: the post-activation for
+  // relu, the pre-activation for gelu (csrc/cpu/ffn.cpp).  The backward returns all five
+  // gradients (bias gradients even for a None bias; the caller drops them).
+  m.def("ffn(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str activation) "
+        "-> (Tensor y, Tensor saved)");
+  m.def("ffn_backward(Tensor grad_y, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
+        "Tensor saved, str activation) -> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, "
+        "Tensor grad_w2, Tensor grad_b2)");
+
 #ifdef FASTBERT_CUDA
   // Present only in a build with the CUDA kernels: fastbert/backends/cpp/__init__.py asks
   // torch.ops.fastbert._cuda_built to decide whether the cpp backend serves CUDA tensors.

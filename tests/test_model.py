@@ -1,0 +1,146 @@
+"""The whole fastbert.BERTModel on each fast backend (the unpadded encoder: pack,
+varlen_attention, add_layernorm, ffn, unpack) vs the padded reference backend: outputs on
+valid positions, zeros at pads, every parameter gradient; torch.compile(fullgraph=True) of
+forward + backward; a bf16 autocast run.
+"""
+import copy
+
+import pytest
+import torch
+
+import fastbert
+
+from op_testing import FAST_BACKENDS, assert_close, device_for, on_backend
+
+VOCAB, HIDDEN, FFN, HEADS, LAYERS, MAX_LEN = 50, 128, 256, 2, 2, 16
+ACTIVATIONS = ["relu", "gelu"]
+
+
+def make_model(activation="relu", dtype=torch.float32, device="cpu"):
+    torch.manual_seed(0)
+    m = fastbert.BERTModel(VOCAB, HIDDEN, [HIDDEN], HIDDEN, FFN, HEADS, LAYERS, 0.0,
+                           max_len=MAX_LEN, key_size=HIDDEN, query_size=HIDDEN,
+                           value_size=HIDDEN, hid_in_features=HIDDEN, mlm_in_features=HIDDEN,
+                           nsp_in_features=HIDDEN, ffn_activation=activation)
+    return m.to(device=device, dtype=dtype)
+
+
+def make_batch(device):
+    g = torch.Generator().manual_seed(1)
+    B, L = 4, 12
+    tokens = torch.randint(0, VOCAB, (B, L), generator=g)
+    segments = torch.randint(0, 2, (B, L), generator=g)
+    valid_lens = torch.tensor([12, 1, 7, 5])
+    # MLM slots on valid positions only (pads differ between the paths: zeros vs values).
+    positions = torch.stack([torch.randint(0, int(n), (3,), generator=g) for n in valid_lens])
+    weights = torch.randn(B, L, HIDDEN, generator=g)
+    mlm_w = torch.randn(B, 3, VOCAB, generator=g)
+    nsp_w = torch.randn(B, 2, generator=g)
+    return [t.to(device) for t in (tokens, segments, valid_lens, positions, weights, mlm_w,
+                                   nsp_w)]
+
+
+def valid_mask(valid_lens, L):
+    return torch.arange(L, device=valid_lens.device)[None, :] < valid_lens[:, None]
+
+
+def loss_fn(model, tokens, segments, valid_lens, positions, weights, mlm_w, nsp_w):
+    encoded, mlm, nsp = model(tokens, segments, valid_lens, positions)
+    mask = valid_mask(valid_lens, tokens.shape[1])[..., None]
+    loss = ((encoded.float() * weights.float()) * mask).sum() + (mlm.float() * mlm_w.float()).sum() \
+        + (nsp.float() * nsp_w.float()).sum()
+    return loss, encoded, mlm, nsp
+
+
+def run(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss, encoded, mlm, nsp = loss_fn(model, *batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return encoded.detach(), mlm.detach(), nsp.detach(), grads
+
+
+def run_reference(activation, device, dtype):
+    model = make_model(activation, dtype, device)
+    with fastbert.use_backend("reference"):
+        assert not model.encoder.uses_unpadded(torch.zeros(1, device=device, dtype=dtype),
+                                               torch.ones(1))
+        return run(model, make_batch(device))
+
+
+def require_unpadded(backend, device, dtype):
+    """The model runs unpadded on this backend: every op of the path is a real kernel."""
+    for op in ("pack", "unpack", "varlen_attention", "add_layernorm", "ffn"):
+        with on_backend(backend, op, device, dtype):
+            pass
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_unpadded_model_matches_padded_reference(backend, activation):
+    device = device_for(backend)
+    require_unpadded(backend, device, torch.float32)
+    batch = make_batch(device)
+    model = make_model(activation, device=device)
+    with fastbert.use_backend(backend):
+        assert model.encoder.uses_unpadded(torch.zeros(1, device=device), batch[2])
+        got = run(model, batch)
+    want64 = run_reference(activation, device, torch.float64)
+    want32 = run_reference(activation, device, torch.float32)
+    valid = valid_mask(batch[2], batch[0].shape[1])
+    # Encoded tokens on valid positions; pads are zeros on the unpadded path.
+    assert_close(got[0][valid], want64[0][valid], want32[0][valid], factor=4,
+                 name="encoded (valid positions)")
+    assert (got[0][~valid] == 0).all(), "pads must be zero on the unpadded path"
+    assert_close(got[1], want64[1], want32[1], factor=4, name="mlm logits")
+    assert_close(got[2], want64[2], want32[2], factor=4, name="nsp logits")
+    assert set(got[3]) == set(want64[3])
+    for name in want64[3]:
+        scale = want64[3][name].abs().max().item() or 1.0
+        assert_close(got[3][name], want64[3][name], want32[3][name], factor=4,
+                     atol=1e-6 * scale, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_compile_fullgraph_forward_backward(backend):
+    device = device_for(backend)
+    require_unpadded(backend, device, torch.float32)
+    batch = make_batch(device)
+    model = make_model(device=device)
+    compiled_model = copy.deepcopy(model)
+    with fastbert.use_backend(backend):
+        eager = run(model, batch)
+        torch._dynamo.reset()
+        step = torch.compile(lambda *b: loss_fn(compiled_model, *b)[0], fullgraph=True)
+        compiled_model.zero_grad(set_to_none=True)
+        step(*batch).backward()
+    for name, p in compiled_model.named_parameters():
+        if name in eager[3]:
+            torch.testing.assert_close(p.grad, eager[3][name], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"compiled grad {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_bf16_autocast(backend):
+    """Under bf16 autocast the unpadded model errs no more than twice what the padded
+    reference errs under the same autocast (both against float64)."""
+    device = device_for(backend)
+    require_unpadded(backend, device, torch.bfloat16)
+    batch = make_batch(device)
+    model = make_model(device=device)
+    with fastbert.use_backend(backend), torch.autocast(device.type, dtype=torch.bfloat16):
+        got = run(model, batch)
+    ref_model = make_model(device=device)
+    with fastbert.use_backend("reference"), torch.autocast(device.type, dtype=torch.bfloat16):
+        want_lp = run(ref_model, batch)
+    want64 = run_reference("relu", device, torch.float64)
+    valid = valid_mask(batch[2], batch[0].shape[1])
+    assert_close(got[0][valid].float(), want64[0][valid], want_lp[0][valid].float(),
+                 name="encoded (valid positions)")
+    assert_close(got[2].float(), want64[2], want_lp[2].float(), name="nsp logits")
+    for name in want64[3]:
+        g = got[3][name]
+        assert g.dtype == torch.float32, f"{name}: fp32 parameters get fp32 grads"
+        scale = want64[3][name].abs().max().item() or 1.0
+        assert_close(g, want64[3][name], want_lp[3][name], atol=1e-3 * scale,
+                     name=f"grad {name}")
