@@ -11,12 +11,13 @@ per sequence.  One step = zero_grad, forward, both losses, backward, Adam step. 
 the data, a stand-in with the same shapes, lengths and slot-padding rate.
 
 extra_info per step row: examples_per_s (sentence pairs/s), ratio_to_d2l_fp32, and the peak
-memory of one step, measured in a fresh subprocess per implementation as the growth of the
-process's resident set (Linux VmHWM after the step minus VmRSS before it, with the high-water
-mark reset through /proc/self/clear_refs just before the step): ``peak_step_rss_mb`` (the
-first step, Adam's state allocation included) and ``peak_steady_step_rss_mb`` (the third
-step); the d2l figures of the same run sit beside them (``d2l_...``).  RSS counts what the
-allocator really holds, not what tensors use, so it is an honest upper bound of both.
+memory of a step, measured in a fresh subprocess per implementation: the peak resident set
+during the step (Linux VmHWM, reset through /proc/self/clear_refs just before the step) minus
+the resident set once model, optimizer and batch exist (before the first step):
+``peak_step_rss_mb`` for the first step and ``peak_steady_step_rss_mb`` for the third (both
+include Adam's state, created by the first step); the d2l figures of the same run sit beside
+them (``d2l_...``).  RSS counts what the allocator really holds, not what tensors use, so it
+is an honest upper bound of both.
 """
 from __future__ import annotations
 
@@ -162,8 +163,8 @@ def peak_memory_child(impl: str, batch_file: str) -> dict:
     d2l = harness.load_d2l_017() if impl.startswith("d2l") else None
     step = make_step(impl, saved["batch"], saved["vocab_size"], d2l)
     out = {}
+    before = _rss_mb()["VmRSS"]  # model, optimizer (no state yet) and batch in memory
     for i in range(3):
-        before = _rss_mb()["VmRSS"]
         _reset_peak()
         step()
         if i in (0, 2):
@@ -227,8 +228,8 @@ def test_pretrain_step(benchmark, impl, pretrain_data, d2l, timing, baseline, be
                    peak_steady_step_rss_mb=memory[impl]["steady"],
                    d2l_peak_step_rss_mb=memory["d2l-fp32"]["first"],
                    d2l_peak_steady_step_rss_mb=memory["d2l-fp32"]["steady"],
-                   memory_method="RSS growth of one step in a fresh process "
-                                 "(VmHWM after - VmRSS before, HWM reset via clear_refs)")
+                   memory_method="peak RSS of the step (VmHWM, reset via clear_refs) minus RSS "
+                                 "after setup, fresh process per implementation")
 
 
 @pytest.mark.parametrize("impl", ("d2l-fp32", "fused-fp32", "fused-bf16"))
