@@ -25,15 +25,20 @@ def d2l_dir(version: str) -> str:
     return env or os.path.join(REPO, ".deps", f"d2l-{version}")
 
 
-def _install_torchvision_stand_in() -> None:
+_STAND_IN_NAMES = ("torchvision", "torchvision.transforms", "torchvision.datasets")
+
+
+def _install_torchvision_stand_in() -> bool:
+    """Put a stand-in torchvision in sys.modules; False if a real one is already there."""
     if "torchvision" in sys.modules:
-        return
+        return False
     tv = types.ModuleType("torchvision")
     tv.__path__ = []  # a package, so `from torchvision import transforms` works
     tv.transforms = types.ModuleType("torchvision.transforms")
     tv.datasets = types.ModuleType("torchvision.datasets")
     sys.modules.update({"torchvision": tv, "torchvision.transforms": tv.transforms,
                         "torchvision.datasets": tv.datasets})
+    return True
 
 
 def load_d2l(version: str):
@@ -43,7 +48,7 @@ def load_d2l(version: str):
     path = d2l_dir(version)
     if not os.path.isdir(os.path.join(path, "d2l")):
         pytest.skip(f"d2l {version} is not installed at {path} (run scripts/setup.sh)")
-    _install_torchvision_stand_in()
+    stand_in = _install_torchvision_stand_in()
     saved = {k: v for k, v in sys.modules.items() if k == "d2l" or k.startswith("d2l.")}
     for k in saved:
         del sys.modules[k]
@@ -57,5 +62,10 @@ def load_d2l(version: str):
         for k in [k for k in sys.modules if k == "d2l" or k.startswith("d2l.")]:
             del sys.modules[k]
         sys.modules.update(saved)
+        if stand_in:
+            # d2l holds its references now; other libraries (transformers) probe for a real
+            # torchvision and must not find the stand-in.
+            for k in _STAND_IN_NAMES:
+                sys.modules.pop(k, None)
     _cache[version] = module
     return module
