@@ -246,3 +246,41 @@ def test_mlm_head(benchmark, impl, pretrain_data, d2l, timing, baseline, bench_d
     harness.record(benchmark, seconds, kind="mlm_head_fwd_bwd", impl=impl,
                    dtype="bf16" if impl.endswith("bf16") else "fp32", batch=BATCH,
                    tokens=int((batch[4] > 0).sum()), baseline_s=base, **_labels(pretrain_data))
+
+
+# ----------------------------------------------------------------------------- interleaved
+def interleaved(rounds: int = 5) -> dict:
+    """The three steps and the three heads timed round by round (one of each per round), so
+    every implementation sees the same load on a shared machine; prints medians and the
+    per-round ratios to d2l.  ``python benchmarks/bench_pretrain.py [rounds]``."""
+    import statistics
+    import time
+    d2l = harness.load_d2l_017()
+    batch, vocab_size, source = wiki_batch()
+    fns = {i: make_step(i, batch, vocab_size, d2l) for i in IMPLS}
+    fns.update({"head-" + i: make_head(i, batch, vocab_size, d2l)
+                for i in ("d2l-fp32", "fused-fp32", "fused-bf16")})
+    for fn in fns.values():
+        fn()
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    print(f"data: {source}; load average {os.getloadavg()}")
+    for k, ts in times.items():
+        print(f"{k:16s} median {statistics.median(ts):.3f} s  min {min(ts):.3f} s  "
+              f"{BATCH / statistics.median(ts):.0f} pairs/s")
+    for base, others in (("d2l-fp32", ("fastbert-fp32", "fastbert-bf16")),
+                         ("head-d2l-fp32", ("head-fused-fp32", "head-fused-bf16"))):
+        for k in others:
+            r = [a / b for a, b in zip(times[base], times[k])]
+            print(f"{k} vs {base}: {statistics.median(r):.2f}x (rounds {min(r):.2f}-{max(r):.2f})")
+    return times
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, harness.REPO)
+    interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 5)
