@@ -2,7 +2,7 @@
 Adam) on a backend vs the reference backend, in one process: fp32 and bf16 autocast.
 
 Batch 64 of SNLI lengths (harness.LengthSampler: real test+dev lengths, mean ~27) padded to
-128, dropout 0.2 (the book's fine-tuning model).  Prints examples/s per (backend, precision),
+128, dropout 0.2 (the book's fine-tuning model).  Prints train-step and inference examples/s per (backend, precision),
 the ratio to the reference fp32 step (the d2l eager computation), and the top torch.profiler
 entries of the fast backend's step.  Timings alternate between configurations so a noisy
 shared machine hurts them alike.
@@ -56,6 +56,37 @@ def step(net, opt, batch, bf16):
     opt.zero_grad()
 
 
+def infer(net, batch, bf16):
+    net.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        net(batch[0])
+    net.train()
+
+
+def timed(fn, configs, nets, batches, use_opt):
+    """Median seconds per call of each configuration, alternating configurations."""
+    times = {c: [] for c in configs}
+    for i, batch in enumerate(batches):
+        for c in configs:
+            net, opt = nets[c]
+            with fastbert.use_backend(c[0]):
+                t = time.perf_counter()
+                fn(net, opt, batch, c[1]) if use_opt else fn(net, batch, c[1])
+                dt = time.perf_counter() - t
+            if i >= 2:  # warm-up
+                times[c].append(dt)
+    return {c: statistics.median(v) for c, v in times.items()}
+
+
+def report(title, med, configs):
+    base = BATCH / med[("reference", False)]
+    print(f"-- {title}")
+    for c in configs:
+        eps = BATCH / med[c]
+        print(f"{c[0]:>10} {'bf16' if c[1] else 'fp32'}: {eps:8.1f} examples/s "
+              f"({eps / base:5.2f}x reference fp32)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default="cpp")
@@ -68,23 +99,11 @@ def main():
     configs = [(b, bf16) for bf16 in (False, True) for b in ("reference", a.backend)]
     nets = {c: make_net() for c in configs}
     batches = [make_batch(s) for s in range(a.steps + 2)]
-    times = {c: [] for c in configs}
-    for i, batch in enumerate(batches):
-        for c in configs:
-            net, opt = nets[c]
-            with fastbert.use_backend(c[0]):
-                t = time.perf_counter()
-                step(net, opt, batch, c[1])
-                dt = time.perf_counter() - t
-            if i >= 2:  # warm-up
-                times[c].append(dt)
-    base = BATCH / statistics.median(times[("reference", False)])
     print(f"threads={a.threads} batch={BATCH} mean valid length="
           f"{float(torch.cat([b[0][2] for b in batches]).mean()):.1f} padded to {L}")
-    for c in configs:
-        eps = BATCH / statistics.median(times[c])
-        print(f"{c[0]:>10} {'bf16' if c[1] else 'fp32'}: {eps:8.1f} examples/s "
-              f"({eps / base:5.2f}x reference fp32)")
+    report("train step (forward, CE loss, backward, Adam)",
+           timed(step, configs, nets, batches, True), configs)
+    report("inference (eval, no_grad)", timed(infer, configs, nets, batches, False), configs)
     if a.no_profile:
         return
     for bf16 in (False, True):
