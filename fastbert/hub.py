@@ -9,7 +9,6 @@ folder; ``load_pretrained_model`` also takes a local folder or ``.zip`` path.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tarfile

@@ -8,8 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-PIP=".venv/bin/python -m pip"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# pip, minus this machine's harmless notes about local index folders it cannot list.
+PIP() { .venv/bin/python -m pip "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
+PIP=PIP
 $PIP install -q "torch==2.13.0"
 # Everything else, with torch held at 2.13.0 by a constraint so nothing can replace it.
 echo "torch==2.13.0" > .venv/constraints.txt

@@ -9,7 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import re
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import torch

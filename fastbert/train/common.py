@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from .. import backends
+
 __all__ = ["RunConfig", "DistInfo", "setup_distributed", "cleanup_distributed",
            "seed_everything", "autocast", "make_grad_scaler", "rng_state", "set_rng_state",
            "save_checkpoint", "load_checkpoint", "MetricsLog", "progress", "Timer",
@@ -112,6 +114,18 @@ def cpu_threads(n: Optional[int]):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def run_training(cfg, body):
+    """Run ``body(cfg, dist)`` with the process group, the backend choice and the thread count
+    of this run set up, and torn down afterwards (the backend choice holds for this run only)."""
+    dist = setup_distributed(cfg.device)
+    try:
+        with (backends.use_backend(cfg.backend) if cfg.backend else contextlib.nullcontext()), \
+                cpu_threads(cfg.threads):
+            return body(cfg, dist)
+    finally:
+        cleanup_distributed(dist)
 
 
 def seed_everything(seed: int) -> None:

@@ -10,7 +10,6 @@ Library use::
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -19,7 +18,6 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from .. import backends
 from ..bert import BERTClassifier, BERTModel
 from ..data.batching import GlobalBatchSampler, trim_collate
 from ..data.paths import default_data_dir
@@ -27,9 +25,9 @@ from ..data.snli import SNLIBERTDataset, load_snli_split, snli_vocab
 from ..data.vocab import Vocab
 from ..hub import DATA_HUB, infer_bert_config, load_pretrained_model, resolve_pretrained_dir
 from .common import (MetricsLog, RunConfig, Timer, all_reduce_sum, autocast,
-                     cleanup_distributed, cpu_threads, find_resume_checkpoint, load_checkpoint,
+                     find_resume_checkpoint, load_checkpoint,
                      make_adam, make_grad_scaler, progress, resolve_device, rng_state,
-                     save_checkpoint, seed_everything, set_rng_state, setup_distributed)
+                     run_training, save_checkpoint, seed_everything, set_rng_state)
 
 __all__ = ["FinetuneConfig", "finetune", "PairDataset", "build_finetune_model",
            "prepare_snli_datasets", "evaluate_accuracy"]
@@ -182,14 +180,7 @@ def finetune(cfg: Optional[FinetuneConfig] = None, **overrides) -> Dict[str, Any
     "examples_per_sec": ..., "model": classifier, "vocab": vocab}`` (every rank returns;
     rank 0 logs and writes files)."""
     cfg = dataclasses.replace(cfg or FinetuneConfig(), **overrides)
-    dist = setup_distributed(cfg.device)
-    try:
-        # The backend choice holds for this run only.
-        with (backends.use_backend(cfg.backend) if cfg.backend else contextlib.nullcontext()), \
-                cpu_threads(cfg.threads):
-            return _finetune(cfg, dist)
-    finally:
-        cleanup_distributed(dist)
+    return run_training(cfg, _finetune)
 
 
 def _finetune(cfg: FinetuneConfig, dist) -> Dict[str, Any]:

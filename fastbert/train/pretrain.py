@@ -10,7 +10,6 @@ Library use::
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -20,15 +19,14 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from .. import backends
 from ..bert import BERTModel
 from ..data.batching import GlobalBatchSampler, trim_collate
 from ..data.paths import default_data_dir
 from ..data.wiki import WikiTextDataset, read_wiki
 from .common import (MetricsLog, RunConfig, Timer, all_reduce_sum, autocast,
-                     cleanup_distributed, cpu_threads, find_resume_checkpoint, load_checkpoint,
+                     find_resume_checkpoint, load_checkpoint,
                      make_adam, make_grad_scaler, progress, resolve_device, rng_state,
-                     save_checkpoint, seed_everything, set_rng_state, setup_distributed)
+                     run_training, save_checkpoint, seed_everything, set_rng_state)
 
 __all__ = ["PretrainConfig", "pretrain", "PretrainLoss", "batch_loss_bert"]
 
@@ -96,14 +94,7 @@ def pretrain(cfg: Optional[PretrainConfig] = None, **overrides) -> Dict[str, Any
     cfg = dataclasses.replace(cfg or PretrainConfig(), **overrides)
     if cfg.mlm_loss not in ("book", "real-slots"):
         raise ValueError(f"--mlm-loss must be book or real-slots, got {cfg.mlm_loss!r}")
-    dist = setup_distributed(cfg.device)
-    try:
-        # The backend choice holds for this run only.
-        with (backends.use_backend(cfg.backend) if cfg.backend else contextlib.nullcontext()), \
-                cpu_threads(cfg.threads):
-            return _pretrain(cfg, dist)
-    finally:
-        cleanup_distributed(dist)
+    return run_training(cfg, _pretrain)
 
 
 def _pretrain(cfg: PretrainConfig, dist) -> Dict[str, Any]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ... import ops as _front
 from ._autocast import autocast_dtype, cast
