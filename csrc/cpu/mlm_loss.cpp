@@ -14,6 +14,8 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include "cpu/onednn_gemm.h"
+
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -114,6 +116,21 @@ void scaled_softmax_inplace(Tensor& logits, const acc_t* lse, const acc_t* p_coe
   });
 }
 
+// fp32 chunk GEMMs go to oneDNN (2-3x MKL's fp32 speed on this CPU); bf16 and fp64 keep
+// at::addmm / at::mm (bf16 GEMMs there are already oneDNN).
+bool use_onednn(const Tensor& t) {
+  return t.scalar_type() == at::kFloat && onednn::linear_pointwise_op() != nullptr;
+}
+
+// out [S, n] = Hn [S, C'] @ w2c^T + b2c.
+void chunk_logits(Tensor& out, const Tensor& Hn, const Tensor& w2c, const Tensor& b2c) {
+  if (use_onednn(out)) {
+    out.copy_(onednn::linear(Hn, w2c, b2c, "none"));
+  } else {
+    at::addmm_out(out, b2c, Hn, w2c.t());
+  }
+}
+
 at::ScalarType acc_type(const Tensor& X) {
   return X.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -166,7 +183,7 @@ std::tuple<Tensor, Tensor> mlm_loss_cpu(const Tensor& X_, const Tensor& position
   for (int64_t v0 = 0; v0 < V; v0 += chunk) {
     const int64_t n = std::min(chunk, V - v0);
     Tensor buf = logits.narrow(0, 0, S * n).view({S, n});
-    at::addmm_out(buf, b2.narrow(0, v0, n), m.Hn, w2.narrow(0, v0, n).t());
+    chunk_logits(buf, m.Hn, w2.narrow(0, v0, n), b2.narrow(0, v0, n));
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, buf.scalar_type(), "mlm_loss", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       fold_chunk<scalar_t, acc_t>(buf, run_max.data_ptr<acc_t>(), run_sum.data_ptr<acc_t>());
@@ -227,20 +244,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlm_loss_back
     const int64_t n = std::min(chunk, V - v0);
     Tensor w2c = w2.narrow(0, v0, n);
     Tensor dl = logits.narrow(0, 0, S * n).view({S, n});
-    at::addmm_out(dl, b2.narrow(0, v0, n), m.Hn, w2c.t());  // the logits, recomputed
+    chunk_logits(dl, m.Hn, w2c, b2.narrow(0, v0, n));  // the logits, recomputed
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dl.scalar_type(), "mlm_loss_backward", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       scaled_softmax_inplace<scalar_t, acc_t>(dl, lse.data_ptr<acc_t>(), p_coef.data_ptr<acc_t>());
     });
     Tensor db2c = db2.narrow(0, v0, n);
     at::sum_out(db2c, dl, {0}, false, acc);
-    if (dl.scalar_type() == acc) {
-      dHn.addmm_(dl, w2c);
-    } else {
-      dHn.add_(at::mm(dl, w2c));  // low-precision GEMM, accumulated across chunks in fp32
-    }
     Tensor dw2c = dw2.narrow(0, v0, n);
-    at::mm_out(dw2c, dl.t(), m.Hn);
+    if (use_onednn(dl)) {
+      dHn.add_(onednn::linear(dl, w2c.t(), std::nullopt, "none"));
+      dw2c.copy_(onednn::weight_grad(dl, m.Hn));
+    } else {
+      if (dl.scalar_type() == acc) {
+        dHn.addmm_(dl, w2c);
+      } else {
+        dHn.add_(at::mm(dl, w2c));  // low-precision GEMM, accumulated across chunks in fp32
+      }
+      at::mm_out(dw2c, dl.t(), m.Hn);
+    }
   }
   // The -coef * onehot(y) part of dlogits, in the accumulation type.
   Tensor c = coef.squeeze(1);
