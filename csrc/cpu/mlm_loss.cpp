@@ -122,13 +122,11 @@ bool use_onednn(const Tensor& t) {
   return t.scalar_type() == at::kFloat && onednn::linear_pointwise_op() != nullptr;
 }
 
-// out [S, n] = Hn [S, C'] @ w2c^T + b2c.
-void chunk_logits(Tensor& out, const Tensor& Hn, const Tensor& w2c, const Tensor& b2c) {
-  if (use_onednn(out)) {
-    out.copy_(onednn::linear(Hn, w2c, b2c, "none"));
-  } else {
-    at::addmm_out(out, b2c, Hn, w2c.t());
-  }
+// Hn [S, C'] @ w2c^T + b2c: [S, n], oneDNN's own output or else written into scratch.
+Tensor chunk_logits(Tensor scratch, const Tensor& Hn, const Tensor& w2c, const Tensor& b2c) {
+  if (use_onednn(Hn)) return onednn::linear(Hn, w2c, b2c, "none");
+  at::addmm_out(scratch, b2c, Hn, w2c.t());
+  return scratch;
 }
 
 at::ScalarType acc_type(const Tensor& X) {
@@ -179,11 +177,12 @@ std::tuple<Tensor, Tensor> mlm_loss_cpu(const Tensor& X_, const Tensor& position
   Tensor run_max = at::full({S}, -std::numeric_limits<double>::infinity(),
                             X.options().dtype(acc));
   Tensor run_sum = at::zeros({S}, X.options().dtype(acc));
-  Tensor logits = at::empty({S * std::min(chunk, V)}, X.options());  // one chunk, reused
+  // One chunk of scratch, reused (left untouched when oneDNN allocates its own output).
+  Tensor logits = at::empty({S * std::min(chunk, V)}, X.options());
   for (int64_t v0 = 0; v0 < V; v0 += chunk) {
     const int64_t n = std::min(chunk, V - v0);
-    Tensor buf = logits.narrow(0, 0, S * n).view({S, n});
-    chunk_logits(buf, m.Hn, w2.narrow(0, v0, n), b2.narrow(0, v0, n));
+    Tensor buf = chunk_logits(logits.narrow(0, 0, S * n).view({S, n}), m.Hn,
+                              w2.narrow(0, v0, n), b2.narrow(0, v0, n));
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, buf.scalar_type(), "mlm_loss", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       fold_chunk<scalar_t, acc_t>(buf, run_max.data_ptr<acc_t>(), run_sum.data_ptr<acc_t>());
@@ -239,12 +238,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlm_loss_back
   Tensor dHn = at::zeros({S, Cp}, X.options().dtype(acc));
   Tensor dw2 = at::empty_like(w2);
   Tensor db2 = at::empty({V}, X.options().dtype(acc));
-  Tensor logits = at::empty({S * std::min(chunk, V)}, X.options());  // one chunk, reused
+  // One chunk of scratch, reused (left untouched when oneDNN allocates its own output).
+  Tensor logits = at::empty({S * std::min(chunk, V)}, X.options());
   for (int64_t v0 = 0; v0 < V; v0 += chunk) {
     const int64_t n = std::min(chunk, V - v0);
     Tensor w2c = w2.narrow(0, v0, n);
-    Tensor dl = logits.narrow(0, 0, S * n).view({S, n});
-    chunk_logits(dl, m.Hn, w2c, b2.narrow(0, v0, n));  // the logits, recomputed
+    Tensor dl = chunk_logits(logits.narrow(0, 0, S * n).view({S, n}), m.Hn, w2c,
+                             b2.narrow(0, v0, n));  // the logits, recomputed
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dl.scalar_type(), "mlm_loss_backward", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       scaled_softmax_inplace<scalar_t, acc_t>(dl, lse.data_ptr<acc_t>(), p_coef.data_ptr<acc_t>());
