@@ -89,6 +89,12 @@ TORCH_LIBRARY(fastbert, m) {
         "Tensor saved, str activation) -> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, "
         "Tensor grad_w2, Tensor grad_b2)");
 
+  // linear: x[..., K] @ w[N, K]^T + b[N] (nn.Linear) on oneDNN (csrc/cpu/linear.cpp).  The
+  // backward returns the bias gradient even for a None bias (the caller drops it).
+  m.def("linear(Tensor x, Tensor w, Tensor? b) -> Tensor");
+  m.def("linear_backward(Tensor grad_y, Tensor x, Tensor w, Tensor? b) "
+        "-> (Tensor grad_x, Tensor grad_w, Tensor grad_b)");
+
 #ifdef FASTBERT_CUDA
   // Present only in a build with the CUDA kernels: fastbert/backends/cpp/__init__.py asks
   // torch.ops.fastbert._cuda_built to decide whether the cpp backend serves CUDA tensors.

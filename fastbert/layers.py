@@ -111,12 +111,27 @@ class MultiHeadAttention(nn.Module):
     def forward_packed(self, X: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int):
         """Self-attention on packed tokens ``X[T, C]`` (the unpadded encoder)."""
         T, H = X.shape[0], self.num_heads
-        q = self.W_q(X).reshape(T, H, -1)
-        k = self.W_k(X).reshape(T, H, -1)
-        v = self.W_v(X).reshape(T, H, -1)
-        out = ops.varlen_attention(q, k, v, cu_seqlens, max_len,
+        projections = (self.W_q, self.W_k, self.W_v)
+        if any(isinstance(m.weight, nn.parameter.UninitializedParameter)
+               for m in projections + (self.W_o,)):
+            # d2l 1.x lazy layers: the first call materializes them through the modules.
+            q, k, v = (m(X) for m in projections)
+            out = ops.varlen_attention(q.reshape(T, H, -1), k.reshape(T, H, -1),
+                                       v.reshape(T, H, -1), cu_seqlens, max_len,
+                                       _dropout_p(self.attention.dropout, self.training))
+            return self.W_o(out.reshape(T, -1))
+        # One fused QKV GEMM (ops.linear: oneDNN on the cpp backend) on the concatenated
+        # weights, split into views: fewer, larger GEMMs than three projections.
+        weight = torch.cat([m.weight for m in projections])
+        bias = (None if self.W_q.bias is None
+                else torch.cat([m.bias for m in projections]))
+        q, k, v = ops.linear(X, weight, bias).split([m.weight.shape[0] for m in projections], -1)
+        # unflatten, not reshape(T, H, -1): a strided view with a data-dependent T would make
+        # torch.compile guard on T.
+        out = ops.varlen_attention(q.unflatten(-1, (H, -1)), k.unflatten(-1, (H, -1)),
+                                   v.unflatten(-1, (H, -1)), cu_seqlens, max_len,
                                    _dropout_p(self.attention.dropout, self.training))
-        return self.W_o(out.reshape(T, -1))
+        return ops.linear(out.reshape(T, -1), self.W_o.weight, self.W_o.bias)
 
 
 class PositionWiseFFN(nn.Module):

@@ -9,7 +9,6 @@ Shapes: B batch, H heads, L padded length, D head size, C hidden, T total valid 
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -18,7 +17,8 @@ from . import backends
 
 __all__ = [
     "masked_softmax", "attention", "pack", "unpack", "varlen_attention", "add_layernorm",
-    "ffn", "gather_positions", "mlm_loss", "dropout_seed", "normalize_valid_lens", "FLOAT_DTYPES",
+    "ffn", "linear", "gather_positions", "mlm_loss", "dropout_seed", "normalize_valid_lens",
+    "FLOAT_DTYPES",
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -211,6 +211,20 @@ def ffn(x, w1, b1, w2, b2, activation: str = "relu"):
             raise ValueError(f"{name} must be None or a tensor of shape ({n},)")
     _check_same_device(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
     return _impl("ffn", x)(x, w1, b1, w2, b2, activation)
+
+
+def linear(x, weight, bias=None):
+    """``x @ weight.T + bias`` (``F.linear``): ``x[..., K]``, ``weight[N, K]``, ``bias[N]`` or None."""
+    _check_tensor("x", x, ndim=None)
+    _check_tensor("weight", weight, ndim=2)
+    if x.dim() < 1 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"linear shapes do not agree: x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor)
+                             or tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(f"bias must be None or a tensor of shape ({weight.shape[0]},)")
+    _check_same_device(x=x, weight=weight, bias=bias)
+    return _impl("linear", x)(x, weight, bias)
 
 
 def gather_positions(X: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -104,6 +104,10 @@ def ffn(x, w1, b1, w2, b2, activation: str = "relu"):
     return F.linear(ACTIVATIONS[activation](F.linear(x, w1, b1)), w2, b2)
 
 
+def linear(x, weight, bias=None):
+    return F.linear(x, weight, bias)
+
+
 def gather_positions(X: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     batch_idx = torch.arange(X.shape[0], device=X.device)[:, None]
     return X[batch_idx, positions.long()]
@@ -146,6 +150,7 @@ OPS = {
     "varlen_attention": varlen_attention,
     "add_layernorm": add_layernorm,
     "ffn": ffn,
+    "linear": linear,
     "gather_positions": gather_positions,
     "mlm_loss": mlm_loss,
 }
