@@ -116,15 +116,18 @@ void scaled_softmax_inplace(Tensor& logits, const acc_t* lse, const acc_t* p_coe
   });
 }
 
-// fp32 chunk GEMMs go to oneDNN (2-3x MKL's fp32 speed on this CPU); bf16 and fp64 keep
-// at::addmm / at::mm (bf16 GEMMs there are already oneDNN).
+// fp32 chunk GEMMs go to oneDNN (2-3x MKL's fp32 speed on this CPU); bf16 dH / dW and fp64
+// keep at::mm (bf16 at::mm is itself oneDNN, as fast as the linear op for those).
 bool use_onednn(const Tensor& t) {
   return t.scalar_type() == at::kFloat && onednn::linear_pointwise_op() != nullptr;
 }
 
 // Hn [S, C'] @ w2c^T + b2c: [S, n], oneDNN's own output or else written into scratch.
 Tensor chunk_logits(Tensor scratch, const Tensor& Hn, const Tensor& w2c, const Tensor& b2c) {
-  if (use_onednn(Hn)) return onednn::linear(Hn, w2c, b2c, "none");
+  // bf16 too: oneDNN's linear runs this shape at ~2x at::addmm's bf16 rate here.
+  const bool bf16 = Hn.scalar_type() == at::kBFloat16;
+  if (use_onednn(Hn) || (bf16 && onednn::linear_pointwise_op() != nullptr))
+    return onednn::linear(Hn, w2c, b2c, "none");
   at::addmm_out(scratch, b2c, Hn, w2c.t());
   return scratch;
 }
