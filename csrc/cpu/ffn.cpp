@@ -2,49 +2,24 @@
 // (erf), nn.Linear weight layouts w1 [F, C], w2 [C2, F].
 // Reference: fastbert/backends/reference.py ffn.
 //
-// GEMMs run on oneDNN through torch's mkldnn::_linear_pointwise op (bias and relu fused in
-// its epilogue): on this class of CPU it is 2-3x faster than at::addmm (MKL) in fp32.  When
-// oneDNN is unavailable, at::addmm does the same work.
+// GEMMs run on oneDNN through torch's mkldnn::_linear_pointwise op, bias and relu fused in
+// its epilogue (csrc/cpu/onednn_gemm.h): on this class of CPU it is 2-3x faster than
+// at::addmm (MKL) in fp32.  When oneDNN is unavailable, at::addmm does the same work.
 //
 // The forward saves one activation-sized tensor: relu -> the post-activation h (its sign
 // is the relu mask); gelu -> the pre-activation (h and gelu' are recomputed elementwise).
 #include <torch/library.h>
 
 #include "cpu/attention_core.h"  // at::vec setup and FASTBERT_DISPATCH_FLOAT_BF16
-
-#include <ATen/core/dispatch/Dispatcher.h>
+#include "cpu/onednn_gemm.h"
 
 namespace fastbert {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
 
-using LinearPointwiseFn = at::Tensor(const at::Tensor&, const at::Tensor&,
-                                     const std::optional<at::Tensor>&, c10::string_view,
-                                     c10::List<std::optional<c10::Scalar>>,
-                                     std::optional<c10::string_view>);
-
-// The oneDNN linear op, or nullptr when this torch has no mkldnn.
-const c10::TypedOperatorHandle<LinearPointwiseFn>* linear_pointwise_op() {
-  static const auto handle = []() -> std::optional<c10::TypedOperatorHandle<LinearPointwiseFn>> {
-    if (!at::hasMKLDNN()) return std::nullopt;
-    auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-    if (!op.has_value()) return std::nullopt;
-    return op->typed<LinearPointwiseFn>();
-  }();
-  return handle.has_value() ? &*handle : nullptr;
-}
-
-// act(x @ w^T + b), act in {"none", "relu"}; x 2-D (may be a transposed view), w [out, in].
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
-                  const char* act) {
-  if (const auto* op = linear_pointwise_op()) {
-    if (x.size(0) > 0 && x.size(1) > 0 && w.size(0) > 0)
-      return op->call(x, w, b, act, c10::List<std::optional<c10::Scalar>>(), std::nullopt);
-  }
-  auto y = b.has_value() && b->defined() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
-  return std::strcmp(act, "relu") == 0 ? y.relu_() : y;
-}
+using onednn::linear;
+using onednn::weight_grad;
 
 bool is_relu(c10::string_view activation) {
   TORCH_CHECK(activation == "relu" || activation == "gelu",
@@ -96,13 +71,6 @@ std::tuple<at::Tensor, at::Tensor> ffn(const at::Tensor& x, const at::Tensor& w1
   }
   auto y = linear(h, w2, b2, "none");
   return {y.view(out_shape(x, w2.size(0))), saved};
-}
-
-// dW = g^T a for g [M, out], a [M, in].  fp32: oneDNN on transposed views (1.6x MKL here);
-// bf16: at::mm (itself oneDNN in bf16, slightly faster than the pointwise op on views).
-at::Tensor weight_grad(const at::Tensor& g, const at::Tensor& a) {
-  if (g.scalar_type() == at::kBFloat16) return at::mm(g.t(), a);
-  return linear(g.t(), a.t(), std::nullopt, "none");
 }
 
 // gelu (erf) backward fused with its recompute, elementwise over [M, F]:
