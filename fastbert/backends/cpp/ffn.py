@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ._autocast import autocast_dtype, cast
+from ..autocast import autocast_dtype, cast
 
 _ops = torch.ops.fastbert
 _ops.ffn  # noqa: B018  (AttributeError -> this glue is skipped: kernel not built)

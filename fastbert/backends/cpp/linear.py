@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._autocast import autocast_dtype, cast
+from ..autocast import autocast_dtype, cast
 
 _ops = torch.ops.fastbert
 _ops.linear  # noqa: B018  (AttributeError -> this glue is skipped: kernel not built)

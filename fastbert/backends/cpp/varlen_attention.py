@@ -16,7 +16,7 @@ import math
 import torch
 
 from ... import ops as _front
-from ._autocast import autocast_dtype, cast
+from ..autocast import autocast_dtype, cast
 
 _ops = torch.ops.fastbert
 _ops.varlen_attention  # noqa: B018  (AttributeError -> this glue is skipped: kernel not built)

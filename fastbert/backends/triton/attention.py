@@ -15,7 +15,7 @@ from torch import Tensor
 from fastbert import ops
 from fastbert.kernels import attention as kernel
 
-from ._autocast import autocast_dtype, cast
+from ..autocast import autocast_dtype, cast
 
 
 @torch.library.custom_op("fastbert_triton::attention", mutates_args=())

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from fastbert.kernels import ffn as kernel
 
-from ._autocast import autocast_dtype, cast
+from ..autocast import autocast_dtype, cast
 
 
 @torch.library.custom_op("fastbert_triton::ffn", mutates_args=())

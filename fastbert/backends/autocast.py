@@ -1,6 +1,8 @@
-"""Autocast for the cpp ops: custom ops get no autocast rule of their own, so their glue
-casts floating inputs to the autocast dtype itself (as ``F.linear``/``bmm`` would be cast in
-the reference), through differentiable ``.to`` calls so fp32 parameters still get grads."""
+"""Autocast for the kernel backends' ops (cpp and triton): custom ops get no autocast rule of
+their own, so the glue casts floating inputs to the autocast dtype itself (as the reference's
+``F.linear``/``bmm`` would be cast), through differentiable ``.to`` calls so fp32 parameters
+still get fp32 grads.
+Without autocast, inputs of mixed dtypes run in their promoted dtype (as the reference)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -12,7 +14,7 @@ OPS: dict = {}  # helpers only (the package imports every module for its OPS)
 
 def autocast_dtype(device_type: str, *tensors: Optional[torch.Tensor]) -> Optional[torch.dtype]:
     """The dtype to run in: the autocast dtype when autocast is on for this device, else the
-    common dtype of the inputs when they differ (None: leave them as they are)."""
+    promoted dtype of the inputs when they differ (None: leave them as they are)."""
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     dtypes = {t.dtype for t in tensors if t is not None}
