@@ -185,4 +185,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "long_run": is_long(config),
         "quick_run": is_quick(config),
         "ceilings": dict(_CEILINGS.values),
+        # Other processes on the machine skew every timing: the report prints this.
+        "load_average_1_5_15min_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg")
+        else None,
     }

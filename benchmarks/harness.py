@@ -140,7 +140,7 @@ class TimingPolicy:
     budget_s: float = 1.0      # target time for the timed rounds of one benchmark
     min_rounds: int = 3
     max_rounds: int = 30
-    round_s: float = 0.02      # iterations per round so one round lasts at least this
+    round_s: float = 0.05      # iterations per round so one round lasts at least this
     warmup: int = 2
 
     @classmethod
@@ -170,7 +170,9 @@ def measure(benchmark, fn: Callable[[], object], policy: TimingPolicy,
     Returns the median seconds per call (None when benchmarks are disabled)."""
     for _ in range(policy.warmup):
         fn()
-    one = _once(fn, dev)
+    # Calibrate on the fastest of a few calls: one call that a busy machine stalls would
+    # otherwise size every round to a single iteration, and each round would carry a stall.
+    one = min(_once(fn, dev) for _ in range(3 if policy.round_s else 1))
     budget = policy.budget_s if budget_s is None else budget_s
     iterations = max(1, int(policy.round_s / max(one, 1e-9))) if policy.round_s else 1
     rounds = int(budget / max(one * iterations, 1e-9)) if budget else policy.min_rounds

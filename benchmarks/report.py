@@ -157,6 +157,11 @@ def machine_lines(data: dict) -> List[str]:
         f"- **Software**: Python {mi.get('python_version', '?')}, torch {versions.get('torch')}, "
         f"transformers {versions.get('transformers')}, triton {versions.get('triton')}",
         "- **Backends**: " + ", ".join(f"{k}: {v}" for k, v in fb.get("backends", {}).items()),
+        *([f"- **Machine load** (1/5/15-min load average at the end of the run, "
+            f"{fb.get('logical_cpus', '?')} CPUs): "
+            + "/".join(f"{x:.1f}" for x in fb["load_average_1_5_15min_at_end"])
+            + " — above the CPU count, other processes competed for the cores and timings "
+              "are noisy"] if fb.get("load_average_1_5_15min_at_end") else []),
         f"- **Lengths**: {lengths.get('source', '?')} ({lengths.get('pairs', '?')} pairs, mean "
         f"{lengths.get('mean', '?')} valid tokens, padded to {lengths.get('padded_to', '?')})",
     ]
@@ -322,6 +327,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("json", nargs="+", help="pytest-benchmark JSON (--benchmark-json); "
                         "several files of one sitting are merged (machine info: the first)")
+    parser.add_argument("--note", default="", help="a caveat printed under the title")
     parser.add_argument("--md", default=os.path.join(REPO, "docs", "benchmarks.md"))
     parser.add_argument("--png", default=os.path.join(REPO, "docs", "benchmarks.png"))
     args = parser.parse_args(argv)
@@ -339,7 +345,11 @@ def main(argv=None) -> None:
             png_name = os.path.relpath(args.png, os.path.dirname(os.path.abspath(args.md)))
     os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
     with open(args.md, "w") as fh:
-        fh.write(markdown(data, rows, png_name))
+        text = markdown(data, rows, png_name)
+        if args.note:
+            head, rest = text.split("\n\n", 1)
+            text = f"{head}\n\n> **Note.** {args.note}\n\n{rest}"
+        fh.write(text)
     print(f"wrote {args.md}" + (f" and {args.png}" if png_name else ""))
 
 
