@@ -33,6 +33,13 @@ std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {
   return s;
 }
 
+// x @ w^T + b.  fp32: oneDNN (2-3x MKL).  bf16: at::addmm / at::mm (itself oneDNN in bf16;
+// the pointwise op measured ~20% slower on the bert.small train step's bf16 GEMMs).
+at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  if (x.scalar_type() != at::kBFloat16) return onednn::linear(x, w, b, "none");
+  return b.has_value() && b->defined() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
+}
+
 // dw = dy^T x, a reduction over the M rows.  fp32: oneDNN on transposed views, in chunks of
 // kRowChunk rows summed afterwards: one oneDNN call over all M rows (~1700 in a bert.small
 // step) errs 2-4x as much as MKL's at::mm (it accumulates the rows in one long chain);
@@ -59,7 +66,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
     y = at::zeros({x2.size(0), N}, x.options());
     if (b.has_value() && b->defined()) y.add_(*b);
   } else {
-    y = onednn::linear(x2, w.contiguous(), b, "none");
+    y = gemm(x2, w.contiguous(), b);
   }
   return y.view(out_shape(x, N));
 }
@@ -78,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
     dx = at::zeros({M, K}, x.options());
     dw = at::zeros({N, K}, x.options());
   } else {
-    dx = onednn::linear(dy, w.t(), std::nullopt, "none");  // a view: measured ~5% faster
+    dx = gemm(dy, w.t(), std::nullopt);  // w^T as a view: measured ~5% faster than a copy
     dw = weight_grad(dy, x2);
   }
   auto db = dy.sum(0);  // torch's reduction accumulates bf16 in fp32
