@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from ..mlm_loss_autograd import (accumulation_dtype as _acc, fake_backward, make_backward,
+                                 setup_context)
+
 # Columns of logits per chunk: [real slots, VOCAB_CHUNK] is the largest temporary.  Tests
 # shrink it to exercise several chunks, a ragged last chunk and a chunk wider than V.
 VOCAB_CHUNK = 2048
@@ -17,37 +20,15 @@ _fwd = torch.ops.fastbert.mlm_loss  # AttributeError if the extension lacks the 
 _bwd = torch.ops.fastbert.mlm_loss_backward
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("fastbert::mlm_loss")
 def _(X, positions, weights, labels, w1, b1, ln_weight, ln_bias, w2, b2, eps, chunk):
     acc = _acc(X.dtype)
     return X.new_empty((), dtype=acc), X.new_empty(positions.shape, dtype=acc)
 
 
-@torch.library.register_fake("fastbert::mlm_loss_backward")
-def _(grad_loss, grad_lse, X, positions, weights, labels, w1, b1, ln_weight, ln_bias, w2, b2,
-      eps, chunk, lse):
-    return tuple(torch.empty_like(t) for t in (X, w1, b1, ln_weight, ln_bias, w2, b2))
-
-
-def _setup_context(ctx, inputs, output):
-    X, positions, weights, labels, w1, b1, ln_weight, ln_bias, w2, b2, eps, chunk = inputs
-    ctx.save_for_backward(X, positions, weights, labels, w1, b1, ln_weight, ln_bias, w2, b2,
-                          output[1])
-    ctx.eps, ctx.chunk = eps, chunk
-
-
-def _backward(ctx, grad_loss, grad_lse):
-    *inputs, lse = ctx.saved_tensors
-    dX, dw1, db1, dln_w, dln_b, dw2, db2 = _bwd(grad_loss, grad_lse, *inputs, ctx.eps,
-                                                ctx.chunk, lse)
-    return dX, None, None, None, dw1, db1, dln_w, dln_b, dw2, db2, None, None
-
-
-torch.library.register_autograd("fastbert::mlm_loss", _backward, setup_context=_setup_context)
+torch.library.register_fake("fastbert::mlm_loss_backward")(fake_backward)
+torch.library.register_autograd("fastbert::mlm_loss", make_backward(_bwd),
+                                setup_context=setup_context)
 
 
 def mlm_loss(X, positions, weights, labels, w1, b1, ln_weight, ln_bias, w2, b2, eps):

@@ -17,12 +17,10 @@ from torch import Tensor
 
 from fastbert.kernels import mlm_loss as kernel
 
+from ..mlm_loss_autograd import fake_backward, make_backward, setup_context
+
 # Vocab columns per tile (a power of two >= 16; tests shrink it to get ragged chunks).
 VOCAB_CHUNK = 128
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _slots(X, positions, weights):
@@ -91,27 +89,8 @@ def mlm_loss_backward_op(grad_loss: Tensor, grad_lse: Optional[Tensor], X: Tenso
             dw2.to(w2.dtype), db2.to(b2.dtype))
 
 
-@mlm_loss_backward_op.register_fake
-def _(grad_loss, grad_lse, X, positions, weights, labels, w1, b1, ln_weight, ln_bias, w2, b2,
-      eps, chunk, lse):
-    return tuple(torch.empty_like(t) for t in (X, w1, b1, ln_weight, ln_bias, w2, b2))
-
-
-def _setup_context(ctx, inputs, output):
-    X, positions, weights, labels, w1, b1, ln_weight, ln_bias, w2, b2, eps, chunk = inputs
-    ctx.save_for_backward(X, positions, weights, labels, w1, b1, ln_weight, ln_bias, w2, b2,
-                          output[1])
-    ctx.eps, ctx.chunk = eps, chunk
-
-
-def _backward(ctx, grad_loss, grad_lse):
-    *inputs, lse = ctx.saved_tensors
-    dX, dw1, db1, dln_w, dln_b, dw2, db2 = mlm_loss_backward_op(
-        grad_loss, grad_lse, *inputs, ctx.eps, ctx.chunk, lse)
-    return dX, None, None, None, dw1, db1, dln_w, dln_b, dw2, db2, None, None
-
-
-mlm_loss_op.register_autograd(_backward, setup_context=_setup_context)
+mlm_loss_backward_op.register_fake(fake_backward)
+mlm_loss_op.register_autograd(make_backward(mlm_loss_backward_op), setup_context=setup_context)
 
 
 def mlm_loss(X, positions, weights, labels, w1, b1, ln_weight, ln_bias, w2, b2, eps):
