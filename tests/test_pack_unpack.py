@@ -80,6 +80,22 @@ def test_round_trip_zeroes_pads(backend, dtype):
     assert torch.equal(out, X * keep[..., None])
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32], ids=["int64", "int32"])
+def test_token_ids_pack_on_the_backend(backend, dtype, poisoned):
+    """The unpadded encoder packs token ids before embedding them: integer pack / unpack run
+    on the fast backend (no fallback) and equal the reference."""
+    device = device_for(backend)
+    ids = torch.randint(0, 20256, (5, 9, 3), device=device).to(dtype)
+    vl = torch.tensor([9, 0, 1, 4, 7], device=device)
+    with on_backend(backend, "pack", device, dtype):
+        packed, cu, max_len = ops.pack(ids, vl)
+        out = ops.unpack(packed, cu, 9)
+    want, want_cu, _ = reference.pack(ids, vl)
+    assert packed.dtype == dtype and torch.equal(packed, want) and torch.equal(cu, want_cu)
+    assert max_len == 9 and torch.equal(out, reference.unpack(want, want_cu, 9))
+
+
 def test_cpp_any_dtype_and_gradcheck_float64():
     """The C++ copies take any dtype (token ids, fp64); gradcheck in float64."""
     pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes

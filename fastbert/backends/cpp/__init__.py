@@ -27,4 +27,7 @@ for _info in pkgutil.iter_modules(__path__):
 
 _devices = {"cpu"} | ({"cuda"} if getattr(torch.ops.fastbert, "_cuda_built", None) else set())
 register_backend(Backend("cpp", OPS, device_types=frozenset(_devices),
-                         dtypes=frozenset({torch.float32, torch.bfloat16})))
+                         dtypes=frozenset({torch.float32, torch.bfloat16}),
+                         # pack/unpack copy whole rows of bytes: token ids pack too.
+                         op_dtypes={op: frozenset({torch.float32, torch.bfloat16, torch.int32,
+                                                   torch.int64}) for op in ("pack", "unpack")}))

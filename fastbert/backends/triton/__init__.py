@@ -31,5 +31,8 @@ _devices = ({"cuda"} if torch.cuda.is_available() else set()) | ({"cpu"} if INTE
 register_backend(Backend(
     "triton", OPS, device_types=frozenset(_devices),
     dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16}),
+    # pack/unpack copy elements unchanged: token ids pack too.
+    op_dtypes={op: frozenset({torch.float32, torch.bfloat16, torch.float16, torch.int32,
+                              torch.int64}) for op in ("pack", "unpack")},
     available=bool(_devices),
     reason="" if _devices else "no CUDA device (set TRITON_INTERPRET=1 to run on CPU tensors)"))
