@@ -69,15 +69,17 @@ TORCH_LIBRARY(fastbert, m) {
         "Tensor lse, Tensor? valid_lens, float dropout_p, float scale, Tensor? seed) "
         "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 
-  // varlen_attention: attention within each packed sequence of q, k, v[T, H, D]
-  // (cu_seqlens[B+1] int32 offsets); lse [T, H] fp32.  The score element (query token t,
-  // head h, key token u) has dropout counter (t * H + h) * T + u
-  // (csrc/cpu/varlen_attention.cpp).
+  // varlen_attention: attention within each packed sequence; k, v[Tk, H, D] with
+  // cu_seqlens[B+1] int32 offsets, q[Tq, H, D] with cu_seqlens_q[B+1] (None: q shares k's
+  // rows, Tq == Tk); lse [Tq, H] fp32.  A sequence with queries but no keys outputs zeros.
+  // The score element (query row tq, head h, key row u) has dropout counter
+  // (tq * H + h) * Tk + u (csrc/cpu/varlen_attention.cpp).
   m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float dropout_p, "
-        "float scale, Tensor? seed) -> (Tensor out, Tensor lse)");
+        "float scale, Tensor? seed, Tensor? cu_seqlens_q=None) -> (Tensor out, Tensor lse)");
   m.def("varlen_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
         "Tensor out, Tensor lse, Tensor cu_seqlens, float dropout_p, float scale, "
-        "Tensor? seed) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+        "Tensor? seed, Tensor? cu_seqlens_q=None) "
+        "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 
   // ffn: dense2(act(dense1(x))), nn.Linear layouts w1[F, C], w2[C2, F], activation "relu"
   // or "gelu" (erf).  saved [M, F] is what the backward needs: the post-activation for

@@ -159,21 +159,59 @@ def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, L: int) -> torch.Tens
     return _impl("unpack", packed)(packed, cu_seqlens, L)
 
 
+def _check_cu_seqlens_q(cu_seqlens_q, cu_seqlens, Tq: int, device) -> None:
+    if not isinstance(cu_seqlens_q, torch.Tensor) or cu_seqlens_q.dtype != torch.int32 \
+            or cu_seqlens_q.dim() != 1:
+        raise TypeError("cu_seqlens_q must be None or a 1-D int32 tensor of B+1 query offsets")
+    if cu_seqlens_q.device != device:
+        raise ValueError(f"cu_seqlens_q is on {cu_seqlens_q.device} but the data is on {device}")
+    if cu_seqlens_q.shape[0] != cu_seqlens.shape[0]:
+        raise ValueError(f"cu_seqlens_q must have B+1 = {cu_seqlens.shape[0]} offsets like "
+                         f"cu_seqlens, got {cu_seqlens_q.shape[0]}")
+    if _compiling() or device.type == "meta":
+        return
+    cu = cu_seqlens_q.tolist()
+    if cu[0] != 0 or any(b < a for a, b in zip(cu[:-1], cu[1:])) or cu[-1] != Tq:
+        raise ValueError(f"cu_seqlens_q must start at 0, be non-decreasing and end at Tq = {Tq} "
+                         f"(q's rows), got {cu}")
+
+
 def varlen_attention(q, k, v, cu_seqlens, max_len: int, dropout_p: float = 0.0,
-                     scale: Optional[float] = None, seed=None):
+                     scale: Optional[float] = None, seed=None, *, cu_seqlens_q=None):
     """Attention within each packed sequence of ``q, k, v[T, H, D]``; sequence b holds rows
-    ``cu_seqlens[b]:cu_seqlens[b+1]``.  A fused backward regenerates dropout from ``seed``."""
+    ``cu_seqlens[b]:cu_seqlens[b+1]``.  A fused backward regenerates dropout from ``seed``.
+
+    ``max_len`` bounds every sequence's length (exact in eager, the padded L under compile).
+    With ``cu_seqlens_q`` (int32 [B+1], like FlashAttention's ``cu_seqlens_q``), queries and
+    keys are packed separately: ``q[Tq, H, D]``, sequence b's queries are rows
+    ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and attend to its keys, rows
+    ``cu_seqlens[b]:cu_seqlens[b+1]`` of ``k, v[Tk, H, D]`` (e.g. only the <cls> row of each
+    sequence as a query; ``max_len`` bounds the key counts, a query count may exceed it).  A
+    sequence with queries but no keys outputs zeros (zero gradients).  Returns
+    ``[Tq, H, D]``."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, ndim=3)
     _check_same_device(q=q, k=k, v=v)
-    if not (q.shape == k.shape == v.shape) or not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share shape and dtype, got {tuple(q.shape)} "
-                         f"{tuple(k.shape)} {tuple(v.shape)}")
+    if cu_seqlens_q is None:
+        if not (q.shape == k.shape == v.shape) or not (q.dtype == k.dtype == v.dtype):
+            raise ValueError(f"q, k, v must share shape and dtype, got {tuple(q.shape)} "
+                             f"{tuple(k.shape)} {tuple(v.shape)}")
+    elif not (k.shape == v.shape and q.shape[1:] == k.shape[1:]) \
+            or not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"with cu_seqlens_q, q [Tq, H, D] and k, v [Tk, H, D] must share H, D "
+                         f"and dtype, got {tuple(q.shape)} {q.dtype}, {tuple(k.shape)} "
+                         f"{k.dtype}, {tuple(v.shape)} {v.dtype}")
     _check_cu_seqlens(cu_seqlens, q.device)
+    max_len = int(max_len)
+    if cu_seqlens_q is not None:
+        _check_cu_seqlens_q(cu_seqlens_q, cu_seqlens, q.shape[0], q.device)
     dropout_p = _check_dropout(dropout_p)
     if dropout_p > 0 and seed is None:
         seed = dropout_seed(dropout_p)
-    return _impl("varlen_attention", q)(q, k, v, cu_seqlens, int(max_len), dropout_p, scale, seed)
+    impl = _impl("varlen_attention", q)
+    if cu_seqlens_q is None:
+        return impl(q, k, v, cu_seqlens, max_len, dropout_p, scale, seed)
+    return impl(q, k, v, cu_seqlens, max_len, dropout_p, scale, seed, cu_seqlens_q=cu_seqlens_q)
 
 
 def add_layernorm(x, y, weight, bias, eps: float = 1e-5, dropout_p: float = 0.0, seed=None):

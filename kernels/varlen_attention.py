@@ -8,7 +8,12 @@ over the keys of q_i's own sequence.
 
 Layouts.  Every tensor is viewed as rows of heads: q, k [rows, H, D], v, out [rows, H, DV].
   varlen: rows are the packed tokens; sequence b owns rows cu_seqlens[b]:cu_seqlens[b+1] of
-          q, k and v alike (grid axis 1 = b).
+          q, k and v alike (grid axis 1 = b; VARLEN=1).
+  cross-length varlen (VARLEN=2): sequence b owns key rows cu_seqlens[b]:cu_seqlens[b+1] of
+          k, v and query rows cu_seqlens_q[b]:cu_seqlens_q[b+1] of q.  The query offsets come
+          in the VL slot (unused by varlen otherwise), so the kernels' signatures stay those
+          of the other modes.  A sequence with queries but no keys outputs zeros (its
+          denominator is 0) and gets zero gradients.
   padded: H = 1 and rows are the flattened [N, L]; batch z owns rows z*Lq.. of q and z*Lk.. of
           k, v.  Each query row sees keys j < its valid length (valid_lens None / [N] / [N, Lq]);
           a valid length of 0 is d2l's uniform row over all Lk keys (every score the same fill),
@@ -20,7 +25,7 @@ backward recomputes p = exp(s - m) / l.  (A single log-sum-exp m + log l would r
 ulp of its magnitude and cost fp32 gradients ~8x torch's error.)
 
 Dropout: element (h, query row r, key row c) is kept iff philox(seed, (h*TQ + r)*TK + c) >= p
-(kernels/dropout.py; TQ, TK = total q and k rows), so the backward regenerates the mask and
+(kernels/dropout.py; TQ, TK = total q and k rows, the same for self-attention), so the backward regenerates the mask and
 :func:`dropout_keep_mask` can hand tests the same mask.
 """
 from __future__ import annotations
@@ -37,9 +42,14 @@ from .dropout import dropout_keep, keep_mask
 
 
 @triton.jit
-def _seq_bounds(CU, z, Lq, Lk, VARLEN: tl.constexpr):
-    """(first q row, first k row, q length, k length) of sequence ``z``."""
-    if VARLEN:
+def _seq_bounds(CU, CUQ, z, Lq, Lk, VARLEN: tl.constexpr):
+    """(first q row, first k row, q length, k length) of sequence ``z``.  CUQ: the query
+    offsets of cross-length varlen (VARLEN == 2)."""
+    if VARLEN == 2:
+        k_row0 = tl.load(CU + z)
+        q_row0 = tl.load(CUQ + z)
+        return q_row0, k_row0, tl.load(CUQ + z + 1) - q_row0, tl.load(CU + z + 1) - k_row0
+    elif VARLEN:
         row0 = tl.load(CU + z)
         n = tl.load(CU + z + 1) - row0
         return row0, row0, n, n
@@ -65,7 +75,7 @@ def _row_stats(STATS, h, H, TQ, rows_q, m_ok):
     """The forward's row maximum and 1 / denominator."""
     m_i = tl.load(STATS + h * TQ + rows_q, mask=m_ok, other=0.0)
     l_i = tl.load(STATS + (H + h) * TQ + rows_q, mask=m_ok, other=1.0)
-    return m_i, 1.0 / l_i
+    return m_i, 1.0 / tl.where(l_i > 0.0, l_i, 1.0)  # 0: a row with no keys (cross varlen)
 
 
 @triton.jit
@@ -92,7 +102,7 @@ def _flash_fwd_kernel(Q, K, V, O, STATS, CU, VL, seed, dropout_p, scale, H, Lq, 
                       DROPOUT: tl.constexpr, PREC: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, z, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_row0, k_row0, seqlen_q, seqlen_k = _seq_bounds(CU, z, Lq, Lk, VARLEN)
+    q_row0, k_row0, seqlen_q, seqlen_k = _seq_bounds(CU, VL, z, Lq, Lk, VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m < seqlen_q:
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -125,7 +135,8 @@ def _flash_fwd_kernel(Q, K, V, O, STATS, CU, VL, seed, dropout_p, scale, H, Lq, 
                         mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
             acc = acc * alpha[:, None] + mma(cast(p, v.dtype), v, PREC)
             m_i = m_new
-        out = acc / l_i[:, None]
+        # l_i == 0 only when the sequence has no keys (cross-length varlen): output zeros.
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(O + (rows_q * H + h)[:, None] * DV + offs_dv[None, :],
                  cast(out, O.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < DV))
         tl.store(STATS + h * TQ + rows_q, m_i, mask=m_ok)
@@ -169,7 +180,7 @@ def _flash_bwd_dq_kernel(Q, K, V, O, DO, STATS, DELTA, DQ, CU, VL, seed, dropout
     rowsum(dO * O) they do not, and fp32 dQ misses torch's accuracy several times over).
     16-bit inputs take the usual flash shortcut rowsum(dO * O), a third of the work."""
     pid_m, z, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_row0, k_row0, seqlen_q, seqlen_k = _seq_bounds(CU, z, Lq, Lk, VARLEN)
+    q_row0, k_row0, seqlen_q, seqlen_k = _seq_bounds(CU, VL, z, Lq, Lk, VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m < seqlen_q:
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -215,7 +226,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV_OUT, CU, VL, seed, 
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV for one key block (loops over the query blocks: no atomics, deterministic)."""
     pid_n, z, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_row0, k_row0, seqlen_q, seqlen_k = _seq_bounds(CU, z, Lq, Lk, VARLEN)
+    q_row0, k_row0, seqlen_q, seqlen_k = _seq_bounds(CU, VL, z, Lq, Lk, VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n < seqlen_k:
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -274,14 +285,19 @@ class Problem:
 
     def __init__(self, q, k, v, *, varlen: bool, H: int, n_seqs: int, Lq: int, Lk: int,
                  max_q: int, max_k: int, cu_seqlens=None, valid_lens=None,
-                 dropout_p: float = 0.0, scale: Optional[float] = None, seed=None):
+                 dropout_p: float = 0.0, scale: Optional[float] = None, seed=None,
+                 cu_seqlens_q=None):
         self.q, self.k, self.v = q.contiguous(), k.contiguous(), v.contiguous()
         self.D, self.DV = q.shape[-1], v.shape[-1]
         self.H, self.n_seqs, self.Lq, self.Lk = H, n_seqs, Lq, Lk
         self.TQ, self.TK = q.shape[0] * (1 if varlen else Lq), k.shape[0] * (1 if varlen else Lk)
-        self.varlen = varlen
+        # VARLEN: 0 padded, 1 packed self-attention, 2 packed with separate query offsets
+        # (passed in the VL slot).
+        self.varlen = 0 if not varlen else (1 if cu_seqlens_q is None else 2)
         self.cu = cu_seqlens.contiguous() if cu_seqlens is not None else self.q
         self.vl = valid_lens.contiguous() if valid_lens is not None else self.q
+        if cu_seqlens_q is not None:
+            self.vl = cu_seqlens_q.contiguous()
         self.vl_mode = 0 if (varlen or valid_lens is None) else valid_lens.dim()
         self.dropout_p = float(dropout_p)
         self.dropout = self.dropout_p > 0.0
@@ -328,40 +344,55 @@ class Problem:
         return dq, dk, dv
 
 
-def _varlen_problem(q, k, v, cu_seqlens, max_len, dropout_p, scale, seed) -> Problem:
+def _varlen_problem(q, k, v, cu_seqlens, max_len, dropout_p, scale, seed,
+                    cu_seqlens_q=None) -> Problem:
     T, H, _ = q.shape
-    return Problem(q, k, v, varlen=True, H=H, n_seqs=cu_seqlens.shape[0] - 1, Lq=0, Lk=0,
-                   max_q=max_len, max_k=max_len, cu_seqlens=cu_seqlens, dropout_p=dropout_p,
-                   scale=scale, seed=seed)
+    B = cu_seqlens.shape[0] - 1
+    max_q = max_len
+    if cu_seqlens_q is not None:
+        # The grid's query extent: the largest query count, read from the offsets (one small
+        # copy to the host; a count may exceed max_len, and <cls>-only queries get
+        # BLOCK_M = 16 instead of a block sized for whole sequences).
+        max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B > 0 else 0
+    return Problem(q, k, v, varlen=True, H=H, n_seqs=B, Lq=0, Lk=0,
+                   max_q=max_q, max_k=max_len, cu_seqlens=cu_seqlens, dropout_p=dropout_p,
+                   scale=scale, seed=seed, cu_seqlens_q=cu_seqlens_q)
 
 
 def forward(q, k, v, cu_seqlens, max_len: int, dropout_p: float = 0.0,
-            scale: Optional[float] = None, seed=None):
-    """(out[T, H, D], stats[2, H, T] fp32: row max and softmax denominator).  ``max_len``
-    must bound every sequence's length (the grid covers max_len queries per sequence; an upper
-    bound such as the padded L is fine)."""
-    return _varlen_problem(q, k, v, cu_seqlens, max_len, dropout_p, scale, seed).forward()
+            scale: Optional[float] = None, seed=None, cu_seqlens_q=None):
+    """(out[Tq, H, D], stats[2, H, Tq] fp32: row max and softmax denominator).  ``max_len``
+    must bound every sequence's length (the grid covers max_len keys, and queries unless
+    ``cu_seqlens_q`` gives them; an upper bound such as the padded L is fine)."""
+    return _varlen_problem(q, k, v, cu_seqlens, max_len, dropout_p, scale, seed,
+                           cu_seqlens_q).forward()
 
 
 def backward(q, k, v, out, stats, dout, cu_seqlens, max_len: int, dropout_p: float = 0.0,
-             scale: Optional[float] = None, seed=None):
+             scale: Optional[float] = None, seed=None, cu_seqlens_q=None):
     """(dq, dk, dv) for :func:`forward`, the dropout mask regenerated from ``seed``."""
-    problem = _varlen_problem(q, k, v, cu_seqlens, max_len, dropout_p, scale, seed)
+    problem = _varlen_problem(q, k, v, cu_seqlens, max_len, dropout_p, scale, seed,
+                              cu_seqlens_q)
     return problem.backward(out, stats, dout)
 
 
-def dropout_keep_mask(cu_seqlens: torch.Tensor, H: int, L: int, dropout_p: float, seed):
+def dropout_keep_mask(cu_seqlens: torch.Tensor, H: int, L: int, dropout_p: float, seed,
+                      cu_seqlens_q=None):
     """The keep mask the kernels draw, as bool ``[B*H, L, L]`` in the layout of the padded
-    reference (query i, key j of sequence b, head h; entries past a sequence are False)."""
+    reference (query i, key j of sequence b, head h; entries past a sequence are False).
+    Queries by ``cu_seqlens_q`` when given (L must bound the query counts too)."""
     cu = cu_seqlens.long()
+    cu_q = cu if cu_seqlens_q is None else cu_seqlens_q.long()
     B = cu.shape[0] - 1
-    T = int(cu[-1])
+    TQ, TK = int(cu_q[-1]), int(cu[-1])
     pos = torch.arange(L, device=cu.device)
-    rows = cu[:-1, None] + pos[None, :]                                  # [B, L] token rows
-    inside = pos[None, :] < (cu[1:] - cu[:-1])[:, None]
+    rows_q = cu_q[:-1, None] + pos[None, :]                              # [B, L] query rows
+    rows_k = cu[:-1, None] + pos[None, :]                                # [B, L] key rows
+    inside_q = pos[None, :] < (cu_q[1:] - cu_q[:-1])[:, None]
+    inside_k = pos[None, :] < (cu[1:] - cu[:-1])[:, None]
     h = torch.arange(H, device=cu.device)
-    offs = ((h[None, :, None, None] * T + rows[:, None, :, None]) * T
-            + rows[:, None, None, :])                                    # [B, H, L, L]
+    offs = ((h[None, :, None, None] * TQ + rows_q[:, None, :, None]) * TK
+            + rows_k[:, None, None, :])                                  # [B, H, L, L]
     keep = keep_mask(seed, offs, dropout_p)
-    keep &= inside[:, None, :, None] & inside[:, None, None, :]
+    keep &= inside_q[:, None, :, None] & inside_k[:, None, None, :]
     return keep.reshape(B * H, L, L)

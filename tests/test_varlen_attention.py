@@ -1,19 +1,22 @@
 """varlen_attention on every fast backend vs the float64 reference, forward and backward,
-with and without dropout.
+with and without dropout; self-attention (q, k, v share cu_seqlens) and cross-length
+(queries packed by their own cu_seqlens_q, e.g. only <cls> rows).
 
 Reference: fastbert/backends/reference.py varlen_attention (unpack, padded d2l attention,
 pack).  Kernels: csrc/cpu/varlen_attention.cpp (cpp), kernels/varlen_attention.py (triton).
 """
+import contextlib
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from fastbert import ops
 from fastbert.backends import reference
 
-from op_testing import FAST_BACKENDS, assert_close, device_for, dtypes_for, on_backend
+from op_testing import FAST_BACKENDS, assert_close, device_for, dtypes_for, on_backend, require
 
 BACKEND_DTYPES = [pytest.param(b, d, id=f"{b}-{str(d)[6:]}") for b in FAST_BACKENDS
                   for d in dtypes_for(b)]
@@ -33,38 +36,44 @@ def cu_of(lens, device="cpu"):
     return F.pad(torch.tensor(lens).cumsum(0), (1, 0)).to(torch.int32).to(device)
 
 
-def reference_grads(q, k, v, cu, max_len, dO, scale=None, keep_scale=None):
+def reference_grads(q, k, v, cu, max_len, dO, scale=None, keep_scale=None, cu_q=None):
     """Output and (dq, dk, dv) of the reference; with ``keep_scale`` ([B, H, L, L], 0 or
     1/(1-p)) the reference applies exactly that dropout mask to the probabilities."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     if keep_scale is None:
-        out = reference.varlen_attention(q, k, v, cu, max_len, 0.0, scale)
+        out = reference.varlen_attention(q, k, v, cu, max_len, 0.0, scale, cu_seqlens_q=cu_q)
     else:
-        out = masked_dropout_reference(q, k, v, cu, max_len, scale, keep_scale)
-    return (out,) + torch.autograd.grad(out, (q, k, v), dO)
+        out = masked_dropout_reference(q, k, v, cu, max_len, scale, keep_scale, cu_q)
+    return (out,) + torch.autograd.grad(out, (q, k, v), dO, allow_unused=True,
+                                        materialize_grads=True)
 
 
-def masked_dropout_reference(q, k, v, cu, max_len, scale, keep_scale):
+def masked_dropout_reference(q, k, v, cu, max_len, scale, keep_scale, cu_q=None):
     T, H, D = q.shape
+    cu_q = cu if cu_q is None else cu_q
     lengths = reference.lengths_from_cu_seqlens(cu)
     B, L = lengths.shape[0], max(max_len, 1)
 
-    def heads(x):  # [T, H, D] -> [B*H, L, D]
-        return reference.unpack(x, cu, L).permute(0, 2, 1, 3).reshape(B * H, L, D)
+    def heads(x, offsets):  # [T, H, D] -> [B*H, L, D]
+        return reference.unpack(x, offsets, L).permute(0, 2, 1, 3).reshape(B * H, L, D)
 
-    scores = torch.bmm(heads(q), heads(k).transpose(1, 2))
+    scores = torch.bmm(heads(q, cu_q), heads(k, cu).transpose(1, 2))
     scores = scores / math.sqrt(D) if scale is None else scores * scale
     weights = reference.masked_softmax(scores, lengths.repeat_interleave(H))
-    out = torch.bmm(weights * keep_scale.reshape(B * H, L, L).to(weights.dtype), heads(v))
-    return reference.pack(out.reshape(B, H, L, D).permute(0, 2, 1, 3), lengths)[0]
+    out = torch.bmm(weights * keep_scale.reshape(B * H, L, L).to(weights.dtype), heads(v, cu))
+    return reference.pack(out.reshape(B, H, L, D).permute(0, 2, 1, 3),
+                          reference.lengths_from_cu_seqlens(cu_q))[0]
 
 
-def run(backend, dtype, q, k, v, cu, max_len, dO, dropout_p=0.0, seed=None, scale=None):
+def run(backend, dtype, q, k, v, cu, max_len, dO, dropout_p=0.0, seed=None, scale=None,
+        cu_q=None):
     device = q.device
     with on_backend(backend, "varlen_attention", device, dtype):
         qk, kk, vk = (t.clone().requires_grad_() for t in (q, k, v))
-        out = ops.varlen_attention(qk, kk, vk, cu, max_len, dropout_p, scale, seed)
-        grads = torch.autograd.grad(out, (qk, kk, vk), dO)
+        out = ops.varlen_attention(qk, kk, vk, cu, max_len, dropout_p, scale, seed,
+                                   cu_seqlens_q=cu_q)
+        grads = torch.autograd.grad(out, (qk, kk, vk), dO, allow_unused=True,
+                                    materialize_grads=True)
     return (out,) + grads
 
 
@@ -105,23 +114,29 @@ def test_explicit_scale_and_upper_bound_max_len(backend, dtype):
         assert_close(g, w64, wlp, name=f"varlen_attention {name}")
 
 
-def extract_keep_scale(backend, dtype, lens, H, D, p, seed):
+def extract_keep_scale(backend, dtype, lens, H, D, p, seed, q_lens=None):
     """The dropout mask a backend applies, read through the op itself: with q = k = 0 every
     probability is 1/n, and with one-hot values v[j] = e_j, out[i, j] = keep_ij / (1-p) / n.
     The mask depends only on (seed, positions), so it is the mask of any q, k, v of this
-    shape.  Returns [B, H, L, L] keep-scales (0 or 1/(1-p))."""
+    shape.  ``q_lens``: queries packed by their own offsets (cu_seqlens_q).  Returns
+    [B, H, L, L] keep-scales (0 or 1/(1-p)), L bounding the key and query counts."""
     device = device_for(backend)
-    cu, T, L = cu_of(lens, device), sum(lens), max(lens)
-    assert D >= L
-    q = torch.zeros(T, H, D, device=device, dtype=dtype)
+    cu, T = cu_of(lens, device), sum(lens)
+    cu_q = None if q_lens is None else cu_of(q_lens, device)
+    q_lens = lens if q_lens is None else q_lens
+    L = max(lens + q_lens)
+    assert D >= max(lens)
+    q = torch.zeros(sum(q_lens), H, D, device=device, dtype=dtype)
+    k = torch.zeros(T, H, D, device=device, dtype=dtype)
     v = torch.zeros(T, H, D, device=device, dtype=dtype)
     for start, n in zip(cu[:-1].tolist(), lens):
         v[start:start + n, :, :n] = torch.eye(n, D, dtype=dtype, device=device)[:, None, :n]
     with on_backend(backend, "varlen_attention", device, dtype):
-        out = ops.varlen_attention(q, q, v, cu, L, p, None, seed)
+        out = ops.varlen_attention(q, k, v, cu, L, p, None, seed, cu_seqlens_q=cu_q)
     keep = torch.zeros(len(lens), H, L, L)
-    for b, (start, n) in enumerate(zip(cu[:-1].tolist(), lens)):
-        keep[b, :, :n, :n] = out[start:start + n, :, :n].float().permute(1, 0, 2).cpu() * n
+    q_starts = F.pad(torch.tensor(q_lens).cumsum(0), (1, 0)).tolist()
+    for b, (qs, nq, n) in enumerate(zip(q_starts, q_lens, lens)):
+        keep[b, :, :nq, :n] = out[qs:qs + nq, :, :n].float().permute(1, 0, 2).cpu() * n
     return keep
 
 
@@ -224,3 +239,222 @@ def test_compile_fullgraph(backend, dtype):
         torch.compile(loss, fullgraph=True)(*inputs).backward()
     for name, g, e in zip(("dq", "dk", "dv"), (t.grad for t in inputs), eager[1:]):
         torch.testing.assert_close(g, e, msg=lambda m: f"compiled {name}: {m}")
+
+
+# ----------------------------------------------------------------------------- cross-length
+# Queries packed by their own offsets (cu_seqlens_q): (key lengths, query counts, H, D).
+CROSS_CASES = [
+    ([5, 0, 7, 1, 3], [1, 2, 0, 1, 3], 2, 48),    # nq 0..3; queries but no keys; nk 1, odd
+    ([23, 64, 1, 40], [1, 1, 1, 1], 4, 64),       # the classifier: <cls> only, max length 64
+    ([30, 11, 64, 45], [11, 3, 11, 0], 2, 64),    # pretraining: <cls> + MLM positions
+    ([6, 13], [6, 13], 3, 32),                    # nq == nk (q a separate tensor)
+    ([0, 0], [2, 1], 1, 32),                      # no keys anywhere: zeros
+    ([2, 1, 3], [5, 3, 1], 2, 32),                # more queries than keys (and than max_len)
+    ([4, 0, 3], [0, 0, 0], 2, 32),                # no queries anywhere (Tq = 0)
+]
+
+
+def cross_id(case):
+    return f"k{'-'.join(map(str, case[0]))}_q{'-'.join(map(str, case[1]))}_h{case[2]}_d{case[3]}"
+
+
+class _PoisonTriton(TorchFunctionMode):
+    """Triton launchers allocate with torch.empty / empty_like / new_empty: fill those with NaN
+    so a row a kernel forgets to write shows up (the C++ kernels use FASTBERT_POISON_OUTPUTS)."""
+    FACTORIES = {torch.empty, torch.empty_like, torch.Tensor.new_empty}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.FACTORIES and out.is_floating_point():
+            out.fill_(float("nan"))
+        return out
+
+
+def poison(backend):
+    return _PoisonTriton() if backend == "triton" else contextlib.nullcontext()
+
+
+def cross_inputs(lens, q_lens, H, D, device, dtype):
+    q = torch.randn(sum(q_lens), H, D, device=device).to(dtype)
+    k, v = (torch.randn(sum(lens), H, D, device=device).to(dtype) for _ in range(2))
+    dO = torch.randn(sum(q_lens), H, D, device=device).to(dtype)
+    return q, k, v, dO
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("case", CROSS_CASES, ids=cross_id)
+def test_cross_length_matches_reference(backend, dtype, case, poisoned):
+    device = device_for(backend)
+    lens, q_lens, H, D = case
+    cu, cu_q, L = cu_of(lens, device), cu_of(q_lens, device), max(lens)  # max_len: keys only
+    q, k, v, dO = cross_inputs(lens, q_lens, H, D, device, dtype)
+    with poison(backend):
+        got = run(backend, dtype, q, k, v, cu, L, dO, cu_q=cu_q)
+    want64 = reference_grads(q.double(), k.double(), v.double(), cu, L, dO.double(), cu_q=cu_q)
+    want_lp = reference_grads(q, k, v, cu, L, dO, cu_q=cu_q)
+    for name, g, w64, wlp in zip(("out", "dq", "dk", "dv"), got, want64, want_lp):
+        assert g.dtype == dtype
+        assert_close(g, w64, wlp, name=f"cross varlen_attention {name}")
+    # A sequence with queries but no keys: zero output, zero dq (exactly).
+    for b, (n, nq) in enumerate(zip(lens, q_lens)):
+        if n == 0 and nq > 0:
+            rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
+            assert (got[0][rows] == 0).all() and (got[1][rows] == 0).all()
+    # Keys no query looks at get exactly zero gradients.
+    for b, (n, nq) in enumerate(zip(lens, q_lens)):
+        if nq == 0 and n > 0:
+            rows = slice(int(cu[b]), int(cu[b + 1]))
+            assert (got[2][rows] == 0).all() and (got[3][rows] == 0).all()
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_cross_with_every_row_as_query_is_self_attention_bit_for_bit(backend, dtype, p):
+    """cu_seqlens_q == cu_seqlens and q sharing k's rows gives today's result exactly, dropout
+    bits included: the counter (tq * H + h) * Tk + u is the self-attention one."""
+    device = device_for(backend)
+    lens, H, D = [7, 1, 13, 0, 4], 2, 32
+    cu, T, L = cu_of(lens, device), sum(lens), max(lens)
+    q, k, v = (torch.randn(T, H, D, device=device).to(dtype) for _ in range(3))
+    dO = torch.randn(T, H, D, device=device).to(dtype)
+    seed = torch.tensor(4321) if p > 0 else None
+    plain = run(backend, dtype, q, k, v, cu, L, dO, p, seed)
+    cross = run(backend, dtype, q, k, v, cu, L, dO, p, seed, cu_q=cu.clone())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), plain, cross):
+        assert torch.equal(a, b), f"{name} differs between self and cross mode"
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+def test_cross_dropout_matches_reference_with_the_same_mask(backend, dtype):
+    device = device_for(backend)
+    lens, q_lens, H, D, p = [5, 1, 12, 0, 9], [2, 1, 3, 1, 0], 2, 48, 0.25
+    seed = torch.tensor(77)
+    keep = extract_keep_scale(backend, dtype, lens, H, D, p, seed, q_lens)
+    inside = torch.zeros_like(keep, dtype=torch.bool)
+    for b, (n, nq) in enumerate(zip(lens, q_lens)):
+        inside[b, :, :nq, :n] = True
+    vals, scale = keep[inside], 1 / (1 - p)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (((vals - scale).abs() < tol * scale) | (vals.abs() < tol)).all()
+    assert 0 < (vals > scale / 2).sum() < vals.numel()  # some kept, some dropped
+    keep = (keep > 0.5 / (1 - p)).double() / (1 - p)  # exact keep-scales (bf16 rounds them)
+    cu, cu_q, L = cu_of(lens, device), cu_of(q_lens, device), max(lens + q_lens)
+    q, k, v, dO = cross_inputs(lens, q_lens, H, D, device, dtype)
+    got = run(backend, dtype, q, k, v, cu, L, dO, p, seed, cu_q=cu_q)
+    want64 = reference_grads(q.double(), k.double(), v.double(), cu, L, dO.double(),
+                             keep_scale=keep.double(), cu_q=cu_q)
+    want_lp = reference_grads(q, k, v, cu, L, dO, keep_scale=keep, cu_q=cu_q)
+    for name, g, w64, wlp in zip(("out", "dq", "dk", "dv"), got, want64, want_lp):
+        assert_close(g, w64, wlp, name=f"cross varlen_attention dropout {name}")
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_cross_dropout_counter_matches_the_read_back_helper(backend):
+    """The mask read through the op is the documented counter, as the helpers compute it
+    (cpp: (tq * H + h) * Tk + u; triton: (h * Tq + tq) * Tk + u)."""
+    lens, q_lens, H, D, p = [5, 1, 12, 3], [2, 1, 4, 0], 2, 32, 0.4
+    seed = torch.tensor(5)
+    keep = extract_keep_scale(backend, torch.float32, lens, H, D, p, seed, q_lens)
+    L = max(lens + q_lens)
+    device = device_for(backend)
+    if backend == "cpp":
+        pytest.importorskip("fastbert._C")
+        from fastbert.backends.cpp import varlen_attention as glue
+        expected = glue.dropout_keep_scale(cu_of(lens), H, L, p, seed, cu_of(q_lens))
+    else:
+        require("triton", "varlen_attention", device, torch.float32)
+        from fastbert.kernels import varlen_attention as kernel
+        mask = kernel.dropout_keep_mask(cu_of(lens, device), H, L, p, seed,
+                                        cu_of(q_lens, device))
+        expected = mask.reshape(len(lens), H, L, L).float().cpu() / (1 - p)
+    torch.testing.assert_close(keep, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_reference_gradcheck_float64():
+    """The truth the kernels are held to: gradcheck of the reference's cross-length path
+    (the fast backends take fp32/bf16 only; they are compared with it above)."""
+    lens, q_lens, H, D = [3, 0, 4, 2], [1, 2, 2, 0], 2, 5
+    cu, cu_q = cu_of(lens), cu_of(q_lens)
+    q = torch.randn(sum(q_lens), H, D, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(sum(lens), H, D, dtype=torch.float64, requires_grad=True)
+            for _ in range(2))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: ops.varlen_attention(q, k, v, cu, 4, cu_seqlens_q=cu_q), (q, k, v))
+
+
+def test_cross_opcheck_cpp():
+    pytest.importorskip("fastbert._C")
+    op = torch.ops.fastbert.varlen_attention
+    cu, cu_q = cu_of([3, 0, 5]), cu_of([1, 2, 2])
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(5, 2, 32, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(8, 2, 32, dtype=dtype, requires_grad=True) for _ in range(2))
+        torch.library.opcheck(op, (q, k, v, cu, 0.0, 0.2, None, cu_q))
+        torch.library.opcheck(op, (q, k, v, cu, 0.3, 0.2, torch.tensor(3), cu_q))
+
+
+def test_cross_opcheck_triton():
+    require("triton", "varlen_attention", device_for("triton"), torch.float32)
+    device = device_for("triton")
+    op = torch.ops.fastbert_triton.varlen_attention
+    cu, cu_q = cu_of([3, 0, 5], device), cu_of([1, 2, 2], device)
+    q = torch.randn(5, 2, 16, device=device, requires_grad=True)
+    k, v = (torch.randn(8, 2, 16, device=device, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(op, (q, k, v, cu, 5, 0.0, None, None, cu_q))
+    torch.library.opcheck(op, (q, k, v, cu, 5, 0.3, 0.2, torch.tensor(3), cu_q))
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+def test_cross_compile_fullgraph(backend, dtype):
+    device = device_for(backend)
+    lens, q_lens, H, D = [4, 7, 0], [1, 3, 1], 2, 32
+    cu, cu_q = cu_of(lens, device), cu_of(q_lens, device)
+    q, k, v, dO = cross_inputs(lens, q_lens, H, D, device, dtype)
+    eager = run(backend, dtype, q, k, v, cu, 7, dO, cu_q=cu_q)
+
+    def loss(q, k, v):
+        out = ops.varlen_attention(q, k, v, cu, 7, 0.0, cu_seqlens_q=cu_q)
+        return (out.float() * dO.float()).sum()
+
+    with on_backend(backend, "varlen_attention", device, dtype):
+        torch._dynamo.reset()
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        torch.compile(loss, fullgraph=True)(*inputs).backward()
+    for name, g, e in zip(("dq", "dk", "dv"), (t.grad for t in inputs), eager[1:]):
+        torch.testing.assert_close(g, e, msg=lambda m: f"compiled {name}: {m}")
+
+
+def test_cross_bad_inputs_raise_clear_errors():
+    q, k = torch.randn(3, 2, 8), torch.randn(7, 2, 8)
+    cu = cu_of([3, 4])
+
+    def call(q=q, k=k, v=k, cu_q=cu_of([1, 2]), max_len=4):
+        return ops.varlen_attention(q, k, v, cu, max_len, cu_seqlens_q=cu_q)
+
+    with pytest.raises(TypeError, match="cu_seqlens_q"):
+        call(cu_q=cu_of([1, 2]).long())
+    with pytest.raises(ValueError, match="B\\+1"):
+        call(cu_q=cu_of([1, 1, 1]))
+    with pytest.raises(ValueError, match="start at 0"):
+        call(cu_q=torch.tensor([1, 2, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        call(cu_q=torch.tensor([0, 3, 2], dtype=torch.int32), q=torch.randn(2, 2, 8))
+    with pytest.raises(ValueError, match="Tq = 3"):
+        call(cu_q=cu_of([1, 1]))
+    with pytest.raises(ValueError, match="share H, D"):
+        call(q=torch.randn(3, 1, 8))
+    with pytest.raises(ValueError, match="share H, D"):
+        call(v=torch.randn(6, 2, 8))
+    with pytest.raises(ValueError, match="share shape"):  # without cu_seqlens_q: self-attention
+        ops.varlen_attention(q, k, k, cu, 4)
+    if not hasattr(torch.ops.fastbert, "varlen_attention"):
+        return
+    op = torch.ops.fastbert.varlen_attention
+    with pytest.raises(RuntimeError, match="cu_seqlens_q"):
+        op(q, k, k, cu, 0.0, 0.2, None, cu_of([1, 1]))  # sums to 2, not Tq = 3
+    with pytest.raises(RuntimeError, match="B\\+1"):
+        op(q, k, k, cu, 0.0, 0.2, None, cu_of([1, 1, 1]))
+    with pytest.raises(RuntimeError, match="share H and D"):
+        op(torch.randn(3, 1, 8), k, k, cu, 0.0, 0.2, None, cu_of([1, 2]))
+    with pytest.raises(RuntimeError, match="cu_seqlens_q"):
+        op(q, k, k, cu, 0.0, 0.2, None)  # q has its own rows: cu_seqlens_q needed

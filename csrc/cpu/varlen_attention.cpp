@@ -1,11 +1,14 @@
-// varlen_attention on the CPU: attention within each packed sequence of q, k, v [T, H, D]
-// (sequence b holds rows cu_seqlens[b]:cu_seqlens[b+1]), like FlashAttention's varlen
-// interface.  One (sequence, head) problem per task (attention_core.h); never a padded
-// (B*H, L, L) tensor.  Reference: fastbert/backends/reference.py varlen_attention.
+// varlen_attention on the CPU: attention within each packed sequence, like FlashAttention's
+// varlen interface.  k, v [Tk, H, D]: sequence b's keys are rows cu_seqlens[b]:cu_seqlens[b+1];
+// q [Tq, H, D]: its queries are rows cu_seqlens_q[b]:cu_seqlens_q[b+1] (cu_seqlens_q None:
+// the same rows as the keys, self-attention).  One (sequence, head) problem per task
+// (attention_core.h): nq query rows against nk key rows, O((nq + nk) * D + nq * nk * D) work,
+// never a padded (B*H, L, L) tensor.  A sequence with queries but no keys outputs zeros (and
+// gets zero gradients).  Reference: fastbert/backends/reference.py varlen_attention.
 //
-// Dropout counter of the score element (query token t, head h, key token u) — t and u
-// global row indices in [0, T) — is (t * H + h) * T + u: independent of max_len and of
-// how the work is split.
+// Dropout counter of the score element (query row tq, head h, key row u) — global row
+// indices, tq in [0, Tq), u in [0, Tk) — is (tq * H + h) * Tk + u: independent of max_len
+// and of how the work is split, and (t * H + h) * T + u for self-attention.
 #include <torch/library.h>
 
 #include "cpu/attention_core.h"
@@ -18,29 +21,48 @@ using attn::Dropout;
 using attn::Problem;
 using attn::Scratch;
 
+void check_offsets(const at::Tensor& cu, const char* name, int64_t rows, const char* what) {
+  TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.numel() >= 1,
+              "varlen_attention: ", name, " must be a 1-D int32 tensor of B+1 offsets");
+  TORCH_CHECK(cu.device().is_cpu(), "varlen_attention: ", name, " must be on the CPU");
+  const auto c_ = cu.contiguous();
+  const int32_t* c = c_.data_ptr<int32_t>();
+  const int64_t B = c_.numel() - 1;
+  TORCH_CHECK(c[0] == 0, "varlen_attention: ", name, "[0] must be 0, got ", c[0]);
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(c[b + 1] >= c[b], "varlen_attention: ", name, " must be non-decreasing");
+  TORCH_CHECK(c[B] == rows, "varlen_attention: ", name, "[-1] (", c[B],
+              ") must equal the number of packed ", what, " (", rows, ")");
+}
+
+// q [Tq, H, D]; k, v [Tk, H, D].  Without cu_seqlens_q, q shares k's rows (Tq == Tk).
 void check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& cu_seqlens) {
+                  const at::Tensor& cu_seqlens, const std::optional<at::Tensor>& cu_seqlens_q) {
   TORCH_CHECK(q.dim() == 3, "varlen_attention: q must be [T, H, D], got ", q.sizes());
-  TORCH_CHECK(q.sizes() == k.sizes() && q.sizes() == v.sizes(),
-              "varlen_attention: q, k, v must share a shape, got ", q.sizes(), ", ", k.sizes(),
-              ", ", v.sizes());
+  TORCH_CHECK(k.sizes() == v.sizes() && k.dim() == 3,
+              "varlen_attention: k and v must share a [Tk, H, D] shape, got ", k.sizes(), ", ",
+              v.sizes());
+  if (cu_seqlens_q.has_value()) {
+    TORCH_CHECK(q.size(1) == k.size(1) && q.size(2) == k.size(2),
+                "varlen_attention: q [Tq, H, D] and k, v [Tk, H, D] must share H and D, got ",
+                q.sizes(), ", ", k.sizes());
+  } else {
+    TORCH_CHECK(q.sizes() == k.sizes(),
+                "varlen_attention: q, k, v must share a shape (or pass cu_seqlens_q), got ",
+                q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  }
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "varlen_attention: q, k, v must share a dtype");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
               "varlen_attention (cpp, CPU): dtype must be float32 or bfloat16, got ",
               q.scalar_type());
-  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt && cu_seqlens.dim() == 1 &&
-                  cu_seqlens.numel() >= 1,
-              "varlen_attention: cu_seqlens must be a 1-D int32 tensor of B+1 offsets");
-  TORCH_CHECK(cu_seqlens.device().is_cpu(), "varlen_attention: cu_seqlens must be on the CPU");
-  const auto cu = cu_seqlens.contiguous();
-  const int32_t* c = cu.data_ptr<int32_t>();
-  const int64_t B = cu.numel() - 1;
-  TORCH_CHECK(c[0] == 0, "varlen_attention: cu_seqlens[0] must be 0, got ", c[0]);
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(c[b + 1] >= c[b], "varlen_attention: cu_seqlens must be non-decreasing");
-  TORCH_CHECK(c[B] == q.size(0), "varlen_attention: cu_seqlens[-1] (", c[B],
-              ") must equal the number of packed tokens T (", q.size(0), ")");
+  check_offsets(cu_seqlens, "cu_seqlens", k.size(0), "key tokens Tk");
+  if (cu_seqlens_q.has_value()) {
+    TORCH_CHECK(cu_seqlens_q->numel() == cu_seqlens.numel(),
+                "varlen_attention: cu_seqlens_q must have B+1 = ", cu_seqlens.numel(),
+                " offsets like cu_seqlens, got ", cu_seqlens_q->numel());
+    check_offsets(*cu_seqlens_q, "cu_seqlens_q", q.size(0), "query tokens Tq");
+  }
 }
 
 Dropout make_dropout(double p, const std::optional<at::Tensor>& seed) {
@@ -50,48 +72,61 @@ Dropout make_dropout(double p, const std::optional<at::Tensor>& seed) {
   return dr;
 }
 
+// cq: query offsets (== ck for self-attention), ck: key offsets, Tk: key rows.
 template <typename T>
-Problem<T> make_problem(const T* q, const T* k, const T* v, const int32_t* cu, int64_t b,
-                        int64_t h, int64_t H, int64_t D, int64_t Ttot) {
-  const int64_t start = cu[b], len = cu[b + 1] - cu[b], rs = H * D;
+Problem<T> make_problem(const T* q, const T* k, const T* v, const int32_t* cq,
+                        const int32_t* ck, int64_t b, int64_t h, int64_t H, int64_t D,
+                        int64_t Tk) {
+  const int64_t qs = cq[b], ks = ck[b], rs = H * D;
   Problem<T> pr;
-  pr.q = q + start * rs + h * D;
-  pr.k = k + start * rs + h * D;
-  pr.v = v + start * rs + h * D;
+  pr.q = q + qs * rs + h * D;
+  pr.k = k + ks * rs + h * D;
+  pr.v = v + ks * rs + h * D;
   pr.q_rs = pr.k_rs = pr.v_rs = rs;
-  pr.nq = pr.nk = len;
+  pr.nq = cq[b + 1] - qs;
+  pr.nk = ck[b + 1] - ks;
   pr.lim_rows = nullptr;
-  pr.lim = len;
-  pr.drop_base = (static_cast<uint64_t>(start) * H + h) * Ttot + start;
-  pr.drop_rs = static_cast<uint64_t>(H) * Ttot;
+  pr.lim = pr.nk;
+  pr.drop_base = (static_cast<uint64_t>(qs) * H + h) * Tk + ks;
+  pr.drop_rs = static_cast<uint64_t>(H) * Tk;
   return pr;
 }
+
+// (sequence, head) tasks, grain 1: at::parallel_for splits the range into one contiguous
+// chunk per thread and only uses fewer threads when the range is under grain * threads, so
+// every thread works even for a handful of tasks (B * H >= 2), and with B * H in the hundreds
+// the chunks' total key lengths even out.
+constexpr int64_t kTaskGrain = 1;
 
 std::tuple<at::Tensor, at::Tensor> varlen_attention(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& cu_seqlens, double dropout_p, double scale,
-    const std::optional<at::Tensor>& seed) {
-  check_varlen(q_, k_, v_, cu_seqlens);
+    const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& cu_seqlens_q) {
+  check_varlen(q_, k_, v_, cu_seqlens, cu_seqlens_q);
   const auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const auto cu = cu_seqlens.contiguous();
-  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), B = cu.numel() - 1;
-  auto out = cpu::poison_if_testing(at::empty_like(q));
-  auto lse = cpu::poison_if_testing(at::empty({T, H}, q.options().dtype(at::kFloat)));
+  const auto cuq = cu_seqlens_q.has_value() ? cu_seqlens_q->contiguous() : cu;
+  const int64_t Tq = q.size(0), Tk = k.size(0), H = q.size(1), D = q.size(2);
+  const int64_t B = cu.numel() - 1;
+  auto out = cpu::poison_if_testing(at::empty_like(q, at::MemoryFormat::Contiguous));
+  auto lse = cpu::poison_if_testing(at::empty({Tq, H}, q.options().dtype(at::kFloat)));
   const Dropout dr = make_dropout(dropout_p, seed);
   const int32_t* c = cu.data_ptr<int32_t>();
+  const int32_t* cq = cuq.data_ptr<int32_t>();
   FASTBERT_DISPATCH_FLOAT_BF16(q.scalar_type(), "varlen_attention", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kp = k.data_ptr<scalar_t>();
     const scalar_t* vp = v.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     float* lp = lse.data_ptr<float>();
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * H, kTaskGrain, [&](int64_t begin, int64_t end) {
       Scratch scratch;
       for (int64_t id = begin; id < end; ++id) {
         const int64_t b = id / H, h = id % H;
-        const auto pr = make_problem(qp, kp, vp, c, b, h, H, D, T);
+        const auto pr = make_problem(qp, kp, vp, cq, c, b, h, H, D, Tk);
         attn::forward_problem(pr, D, D, static_cast<float>(scale), dr,
-                              op + c[b] * H * D + h * D, H * D, lp + c[b] * H + h, H, scratch);
+                              op + cq[b] * H * D + h * D, H * D, lp + cq[b] * H + h, H,
+                              scratch);
       }
     });
   });
@@ -102,20 +137,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
     const at::Tensor& grad_out_, const at::Tensor& q_, const at::Tensor& k_,
     const at::Tensor& v_, const at::Tensor& out_, const at::Tensor& lse_,
     const at::Tensor& cu_seqlens, double dropout_p, double scale,
-    const std::optional<at::Tensor>& seed) {
-  check_varlen(q_, k_, v_, cu_seqlens);
+    const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& cu_seqlens_q) {
+  check_varlen(q_, k_, v_, cu_seqlens, cu_seqlens_q);
   TORCH_CHECK(grad_out_.sizes() == q_.sizes() && out_.sizes() == q_.sizes(),
               "varlen_attention_backward: grad_out and out must have q's shape");
+  TORCH_CHECK(lse_.dim() == 2 && lse_.size(0) == q_.size(0) && lse_.size(1) == q_.size(1) &&
+                  lse_.scalar_type() == at::kFloat,
+              "varlen_attention_backward: lse must be float32 [Tq, H], got ", lse_.sizes());
   const auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const auto go = grad_out_.to(q.scalar_type()).contiguous();
   const auto o = out_.contiguous(), lse = lse_.contiguous();
   const auto cu = cu_seqlens.contiguous();
-  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), B = cu.numel() - 1;
-  auto dq = cpu::poison_if_testing(at::empty_like(q));
-  auto dk = cpu::poison_if_testing(at::empty_like(k));
-  auto dv = cpu::poison_if_testing(at::empty_like(v));
+  const auto cuq = cu_seqlens_q.has_value() ? cu_seqlens_q->contiguous() : cu;
+  const int64_t Tk = k.size(0), H = q.size(1), D = q.size(2), B = cu.numel() - 1;
+  // Contiguous like the kernel's inputs (the stores use their row strides).
+  auto dq = cpu::poison_if_testing(at::empty_like(q, at::MemoryFormat::Contiguous));
+  auto dk = cpu::poison_if_testing(at::empty_like(k, at::MemoryFormat::Contiguous));
+  auto dv = cpu::poison_if_testing(at::empty_like(v, at::MemoryFormat::Contiguous));
   const Dropout dr = make_dropout(dropout_p, seed);
   const int32_t* c = cu.data_ptr<int32_t>();
+  const int32_t* cq = cuq.data_ptr<int32_t>();
   FASTBERT_DISPATCH_FLOAT_BF16(q.scalar_type(), "varlen_attention_backward", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kp = k.data_ptr<scalar_t>();
@@ -126,15 +167,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
     scalar_t* dqp = dq.data_ptr<scalar_t>();
     scalar_t* dkp = dk.data_ptr<scalar_t>();
     scalar_t* dvp = dv.data_ptr<scalar_t>();
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * H, kTaskGrain, [&](int64_t begin, int64_t end) {
       Scratch scratch;
       for (int64_t id = begin; id < end; ++id) {
         const int64_t b = id / H, h = id % H;
-        const auto pr = make_problem(qp, kp, vp, c, b, h, H, D, T);
-        const int64_t off = c[b] * H * D + h * D;
-        attn::backward_problem(pr, D, D, static_cast<float>(scale), dr, gop + off, opp + off,
-                               H * D, lp + c[b] * H + h, H, dqp + off, dkp + off, dvp + off,
-                               scratch);
+        const auto pr = make_problem(qp, kp, vp, cq, c, b, h, H, D, Tk);
+        const int64_t qoff = cq[b] * H * D + h * D, koff = c[b] * H * D + h * D;
+        attn::backward_problem(pr, D, D, static_cast<float>(scale), dr, gop + qoff,
+                               opp + qoff, H * D, lp + cq[b] * H + h, H, dqp + qoff,
+                               dkp + koff, dvp + koff, scratch);
       }
     });
   });

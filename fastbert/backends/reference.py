@@ -75,20 +75,30 @@ def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, L: int) -> torch.Tens
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_len: int, dropout_p: float = 0.0,
-                     scale: Optional[float] = None, seed=None):
-    """Attention within each packed sequence: unpack, padded attention, pack."""
+                     scale: Optional[float] = None, seed=None, cu_seqlens_q=None):
+    """Attention within each packed sequence: unpack, padded attention, pack.
+
+    With ``cu_seqlens_q`` the queries unpack by their own offsets (to their longest count)
+    and each sequence's query rows see its ``cu_seqlens`` keys.  A sequence with no keys has
+    valid length 0: d2l's uniform row over the zero padding, i.e. output 0, and the fill cuts
+    the scores' gradient."""
     T, H, D = q.shape
     lengths = lengths_from_cu_seqlens(cu_seqlens)
     B = lengths.shape[0]
     L = max(int(max_len), 1)
+    q_cu, q_lengths, Lq = cu_seqlens, lengths, L
+    if cu_seqlens_q is not None:
+        q_cu, q_lengths = cu_seqlens_q, lengths_from_cu_seqlens(cu_seqlens_q)
+        Lq = max(int(q_lengths.max()) if B else 0, 1)
 
-    def to_heads(x):  # [T, H, D] -> [B*H, L, D]
-        return unpack(x, cu_seqlens, L).permute(0, 2, 1, 3).reshape(B * H, L, D)
+    def to_heads(x, cu, n):  # [T, H, D] -> [B*H, n, D]
+        return unpack(x, cu, n).permute(0, 2, 1, 3).reshape(B * H, n, D)
 
     vl = lengths.repeat_interleave(H)
-    out = attention(to_heads(q), to_heads(k), to_heads(v), vl, dropout_p, scale)
-    out = out.reshape(B, H, L, D).permute(0, 2, 1, 3)
-    return pack(out, lengths)[0]
+    out = attention(to_heads(q, q_cu, Lq), to_heads(k, cu_seqlens, L),
+                    to_heads(v, cu_seqlens, L), vl, dropout_p, scale)
+    out = out.reshape(B, H, Lq, D).permute(0, 2, 1, 3)
+    return pack(out, q_lengths)[0]
 
 
 def add_layernorm(x, y, weight, bias, eps: float, dropout_p: float = 0.0, seed=None):
