@@ -28,6 +28,9 @@ CASES = {
     "chunk_wider_than_vocab": (2, 5, 16, 8, 20, 4, 32, "random"),
     "fractional_weights": (3, 8, 16, 16, 33, 4, 16, "weighted"),
     "no_real_slot": (2, 5, 8, 8, 20, 3, 16, "empty"),
+    # 133 real slots: the cpp kernel's 64-slot blocks with an odd last block (bf16 pads it),
+    # an odd hidden size (bf16 pads K) and a 5-column last vocab piece.
+    "slot_blocks_odd_hidden": (40, 8, 16, 13, 101, 5, 32, "random"),
 }
 BACKEND_DTYPES = [(b, d) for b in FAST_BACKENDS for d in dtypes_for(b)]
 
@@ -90,8 +93,8 @@ def nan_filled_empty():
 def run(inputs, dtype, device, grad=True):
     """ops.mlm_loss on the current backend: (loss, [dX, dw1, db1, dln_w, dln_b, dw2, db2])."""
     X, positions, weights, labels, params = inputs
-    X = X.to(device, dtype).requires_grad_(grad)
-    params = [p.to(device, dtype).requires_grad_(grad) for p in params]
+    X = X.detach().to(device, dtype).requires_grad_(grad)
+    params = [p.detach().to(device, dtype).requires_grad_(grad) for p in params]
     loss = ops.mlm_loss(X, positions.to(device), weights.to(device), labels.to(device), *params)
     if not grad:
         return loss, None
@@ -124,6 +127,66 @@ def test_matches_reference(backend, dtype, case, nan_filled_empty):
         assert_close(g, g64, g_lp, name=name)
     if kind == "empty":
         assert loss.item() == 0.0 and all(not g.any() for g in grads)
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+def test_scaled_grad_loss(backend, dtype):
+    """The backward scales by d loss (here -2.5, as a loss weight would), not assumes 1."""
+    device = device_for(backend)
+    inputs = make_inputs(*CASES["slot_blocks_odd_hidden"][:6], kind="weighted")
+
+    def scaled(dt):
+        X, positions, weights, labels, params = inputs
+        X = X.to(device, dt).requires_grad_()
+        params = [p.to(device, dt).requires_grad_() for p in params]
+        loss = ops.mlm_loss(X, positions.to(device), weights.to(device), labels.to(device),
+                            *params)
+        return list(torch.autograd.grad(-2.5 * loss, [X] + params))
+
+    with fastbert.use_backend("reference"):
+        grads64, grads_lp = scaled(torch.float64), scaled(dtype)
+    with on_backend(backend, "mlm_loss", device, dtype), vocab_chunk(backend, 32):
+        grads = scaled(dtype)
+    for name, g, g64, g_lp in zip(GRAD_NAMES, grads, grads64, grads_lp):
+        assert_close(g, g64, g_lp, name=name)
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+def test_no_grad_forward(backend, dtype):
+    """Without autograd (torch.no_grad, or no input requiring grad) the op is the forward
+    alone, with the same loss."""
+    device = device_for(backend)
+    inputs = make_inputs(*CASES["slot_blocks_odd_hidden"][:6])
+    loss64, _ = reference(inputs, torch.float64, device)
+    loss_lp, _ = reference(inputs, dtype, device)
+    X, positions, weights, labels, params = inputs
+    args = (X.detach().to(device, dtype).requires_grad_(), positions.to(device),
+            weights.to(device), labels.to(device),
+            *[p.detach().to(device, dtype).requires_grad_() for p in params])
+    with on_backend(backend, "mlm_loss", device, dtype), vocab_chunk(backend, 32):
+        with_grad, _ = run(inputs, dtype, device)
+        plain, _ = run(inputs, dtype, device, grad=False)
+        with torch.no_grad():
+            no_grad = ops.mlm_loss(*args)
+    assert not plain.requires_grad and not no_grad.requires_grad
+    assert torch.equal(plain, with_grad.detach()) and torch.equal(no_grad, plain)
+    assert_close(plain, loss64, loss_lp, atol=ATOL[dtype], name="loss")
+
+
+@pytest.mark.parametrize("chunk", (1, 2, 7, 64, 4096))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_cpp_tile_edges(dtype, chunk):
+    """The cpp kernel's tiles: one-column pieces (bf16 rounds pieces up to even), odd pieces, one
+    piece per slot block, one piece wider than the vocab; 133 slots in 64-slot blocks."""
+    require("cpp", "mlm_loss", torch.device("cpu"), dtype)
+    inputs = make_inputs(*CASES["slot_blocks_odd_hidden"][:6], kind="weighted", seed=3)
+    loss64, grads64 = reference(inputs, torch.float64, torch.device("cpu"))
+    loss_lp, grads_lp = reference(inputs, dtype, torch.device("cpu"))
+    with on_backend("cpp", "mlm_loss", torch.device("cpu"), dtype), vocab_chunk("cpp", chunk):
+        loss, grads = run(inputs, dtype, torch.device("cpu"))
+    assert_close(loss, loss64, loss_lp, atol=ATOL[dtype], name="loss")
+    for name, g, g64, g_lp in zip(GRAD_NAMES, grads, grads64, grads_lp):
+        assert_close(g, g64, g_lp, name=name)
 
 
 def test_reference_is_the_mean_over_real_slots():

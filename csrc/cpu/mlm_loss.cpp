@@ -2,33 +2,46 @@
 // fastbert/backends/reference.py mlm_loss).
 //
 // Only the real prediction slots (weight > 0) are gathered and computed.  The vocab
-// projection and the cross-entropy run over chunks of the vocab: each chunk's logits
-// [S, chunk] come from one GEMM and are folded into a running per-slot logsumexp (float32;
-// float64 for float64 inputs), then dropped, so the [S, V] logits never exist.  The label
-// logit is a dot product per slot.  The backward recomputes the small MLP and each chunk's
-// logits, turns them into coef * softmax and feeds dH and dW2; the -coef * onehot(label)
-// part of dlogits is applied once, outside the chunk loop, as a gather / scatter-add.
+// projection and the cross-entropy run over cache-sized tiles of [slots, vocab]: `chunk`
+// vocab columns (a "piece") by kRowBlock slots.  A tile's logits come from one small GEMM
+// (oneDNN's brgemm micro-kernel, fp32 accumulation), are used while they sit in L1/L2 and
+// dropped, so the [S, V] logits never exist and nothing the size of a chunk goes to memory.
+//
+// Forward: each tile is folded into a running per-slot (max, sum of exp); the label logit is
+// a dot product per slot.  Backward: each tile's logits are recomputed and turned into
+// p_coef * softmax, which feeds dH (tile @ w2 piece) and dW2^T (Hn^T @ tile) at once, while
+// both are hot; the -coef * onehot(label) part of dlogits is applied once, outside the
+// tiles, as a gather / scatter-add.  The two threads split the vocab pieces (each keeps its
+// own partial (max, sum) or dH; dW2 / db2 columns belong to one thread), and each thread
+// walks all slot blocks for one piece, so the piece of w2 and of dW2^T stay in its L2.
+//
+// bf16 runs the GEMMs in bf16 with fp32 accumulation (B operands in oneDNN's VNNI layout:
+// pairs of K rows interleaved); logits, softmax and lse are always fp32.  fp64 runs the same
+// tiles through at::mm (tests and gradcheck only).
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 #include <torch/torch.h>
 
-#include "cpu/onednn_gemm.h"
-
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
-#include <vector>
-
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 namespace fastbert {
 namespace {
 
 using at::Tensor;
+using at::BFloat16;
+
+// Slots per tile: [64, 512] fp32 logits are 128 KB, and w2's piece, dW2^T's piece and the
+// tile together stay well inside a 1-2 MB L2.
+constexpr int64_t kRowBlock = 64;
 
 // Flat indices of the real slots, and the rows of X (viewed [B*L, C]) they read.
 struct Slots {
@@ -62,78 +75,320 @@ Mlp run_mlp(const Tensor& X, const Slots& s, const Tensor& w1, const Tensor& b1,
   return m;
 }
 
-// Rows of a [S, n] chunk per parallel task: about 32K elements.
-int64_t rows_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n)); }
+template <typename T>
+using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// One row of a chunk as acc_t: the row itself when the types agree, else converted into tmp.
-template <typename scalar_t, typename acc_t>
-const acc_t* row_as_acc(const scalar_t* row, int64_t n, std::vector<acc_t>& tmp) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return row;
+// bf16 B operands go in VNNI layout ([K/2, N, 2]), so K is padded to even.
+template <typename T>
+constexpr bool kVnni = std::is_same_v<T, BFloat16>;
+
+template <typename T>
+int64_t pad_k(int64_t k) {
+  return kVnni<T> ? (k + 1) / 2 * 2 : k;
+}
+
+// C[M, N] (ld_c) = (add ? C : 0) + A[M, K] (ld_a) @ B[K, N] (ld_b), accumulated in acc_t.
+// bf16 B is in VNNI layout with ld_b columns.
+void tile_gemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
+               bool add, const float* A, const float* B, float* C) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, /*is_vnni=*/false);
+}
+void tile_gemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
+               bool add, const BFloat16* A, const BFloat16* B, float* C) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, /*is_vnni=*/true);
+}
+void tile_gemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
+               bool add, const double* A, const double* B, double* C) {
+  const auto opt = at::TensorOptions().dtype(at::kDouble);
+  Tensor a = at::from_blob(const_cast<double*>(A), {M, K}, {lda, 1}, opt);
+  Tensor b = at::from_blob(const_cast<double*>(B), {K, N}, {ldb, 1}, opt);
+  Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opt);
+  if (add) {
+    c.addmm_(a, b);
   } else {
-    at::vec::convert(row, tmp.data(), n);
-    return tmp.data();
+    at::mm_out(c, a, b);
   }
 }
 
-// Fold a chunk of logits [S, n] into the running per-slot (max, sum of exp): the online
-// logsumexp, one pass for the max and one for the sum, each on a row that sits in L1.
-template <typename scalar_t, typename acc_t>
-void fold_chunk(const Tensor& logits, acc_t* run_max, acc_t* run_sum) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  const int64_t S = logits.size(0), n = logits.size(1);
-  const scalar_t* data = logits.const_data_ptr<scalar_t>();
-  at::parallel_for(0, S, rows_grain(n), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tmp(std::is_same_v<scalar_t, acc_t> ? 0 : n);
-    for (int64_t i = begin; i < end; ++i) {
-      const acc_t* row = row_as_acc<scalar_t, acc_t>(data + i * n, n, tmp);
-      const acc_t chunk_max = at::vec::reduce_all<acc_t>(
-          [](Vec a, Vec b) { return at::vec::maximum(a, b); }, row, n);
-      const acc_t new_max = std::max(chunk_max, run_max[i]);
-      const acc_t chunk_sum = at::vec::map_reduce_all<acc_t>(
-          [new_max](Vec x) { return (x - Vec(new_max)).exp(); },
-          [](Vec a, Vec b) { return a + b; }, row, n);
-      run_sum[i] = run_sum[i] * std::exp(run_max[i] - new_max) + chunk_sum;
-      run_max[i] = new_max;
+// Whether oneDNN's bf16 brgemm runs here (it needs the ukernel API and AVX512-core): checked
+// once on a 2x16x2 product against the exact answer; if not, bf16 computes in fp32.
+bool bf16_brgemm_ok() {
+  static const bool ok = [] {
+    try {
+      // A = [[1, 2], [3, 4]]; B[k][n] = k + 1 in VNNI order ([1, 2] pairs per column).
+      std::vector<BFloat16> a = {1.f, 2.f, 3.f, 4.f};
+      std::vector<BFloat16> b(2 * 16);
+      for (int n = 0; n < 16; ++n) b[2 * n] = 1.f, b[2 * n + 1] = 2.f;
+      std::vector<float> c(2 * 16, -1.f);
+      tile_gemm(2, 16, 2, 2, 16, 16, false, a.data(), b.data(), c.data());
+      at::native::cpublas::brgemm_release(true);
+      for (int n = 0; n < 16; ++n)
+        if (c[n] != 5.f || c[16 + n] != 11.f) return false;
+      return true;
+    } catch (const std::exception&) {
+      return false;
     }
-  });
+  }();
+  return ok;
 }
 
-// logits [S, n] -> p_coef_i * softmax_i in place (the softmax part of dlogits).
-template <typename scalar_t, typename acc_t>
-void scaled_softmax_inplace(Tensor& logits, const acc_t* lse, const acc_t* p_coef) {
+// src [K, N] (any strides) as a GEMM B operand: contiguous, or VNNI [K/2, N, 2] (K padded
+// with a zero row when odd).
+template <typename T>
+Tensor as_b_operand(const Tensor& src) {
+  if (!kVnni<T>) return src.contiguous();
+  const int64_t K = src.size(0), N = src.size(1);
+  Tensor padded = K % 2 ? at::cat({src, at::zeros({1, N}, src.options())}) : src;
+  return padded.reshape({(K + 1) / 2, 2, N}).permute({0, 2, 1}).contiguous();
+}
+
+// src [M, K] as a row-major A operand whose K is padded (zero columns) to `k_padded`.
+Tensor as_a_operand(const Tensor& src, int64_t k_padded) {
+  if (src.size(1) == k_padded) return src.contiguous();
+  return at::constant_pad_nd(src, {0, k_padded - src.size(1)});
+}
+
+// fp32 exp: at::vec's exp_u20, as PyTorch's own CPU flash attention uses for its softmax
+// (about 1.5x Sleef's exp here, well inside the fp32 tolerances).
+template <typename acc_t>
+at::vec::Vectorized<acc_t> vexp(const at::vec::Vectorized<acc_t>& x) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
+// row[j] += b[j] for j < n; returns the max of the result.
+template <typename acc_t>
+acc_t add_bias_max(acc_t* row, const acc_t* b, int64_t n) {
   using Vec = at::vec::Vectorized<acc_t>;
-  const int64_t S = logits.size(0), n = logits.size(1);
-  scalar_t* data = logits.data_ptr<scalar_t>();
-  at::parallel_for(0, S, rows_grain(n), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tmp(n);
-    for (int64_t i = begin; i < end; ++i) {
-      const acc_t* row = row_as_acc<scalar_t, acc_t>(data + i * n, n, tmp);
-      const acc_t l = lse[i], c = p_coef[i];
-      at::vec::map([l, c](Vec x) { return (x - Vec(l)).exp() * Vec(c); }, tmp.data(), row, n);
-      at::vec::convert(tmp.data(), data + i * n, n);
+  constexpr int64_t W = Vec::size();
+  Vec vmax(-std::numeric_limits<acc_t>::infinity());
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    Vec x = Vec::loadu(row + j) + Vec::loadu(b + j);
+    x.store(row + j);
+    vmax = at::vec::maximum(vmax, x);
+  }
+  acc_t m = at::vec::vec_reduce_all<acc_t>(
+      [](Vec a, Vec c) { return at::vec::maximum(a, c); }, vmax);
+  for (; j < n; ++j) {
+    row[j] += b[j];
+    m = std::max(m, row[j]);
+  }
+  return m;
+}
+
+// sum_j exp(row[j] - m).
+template <typename acc_t>
+acc_t sum_exp(const acc_t* row, acc_t m, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  Vec vsum(0), vm(m);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) vsum += vexp(Vec::loadu(row + j) - vm);
+  if (j < n) {
+    Vec x = vexp(Vec::loadu(row + j, n - j) - vm);
+    vsum += Vec::set(Vec(0), x, n - j);
+  }
+  return at::vec::vec_reduce_all<acc_t>([](Vec a, Vec c) { return a + c; }, vsum);
+}
+
+// row[j] = c * exp(row[j] + b[j] - l); db[j] += row[j].
+template <typename acc_t>
+void scaled_softmax_row(acc_t* row, const acc_t* b, acc_t l, acc_t c, acc_t* db, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec vl(l), vc(c);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    Vec p = vexp(Vec::loadu(row + j) + Vec::loadu(b + j) - vl) * vc;
+    p.store(row + j);
+    (Vec::loadu(db + j) + p).store(db + j);
+  }
+  for (; j < n; ++j) {
+    row[j] = c * std::exp(row[j] + b[j] - l);
+    db[j] += row[j];
+  }
+}
+
+// Rows [sb, n] of an fp32 tile (ld) -> bf16: `plain` [sb, ld] (row-major, the A of dH) and
+// `vnni` [ceil(sb/2), ld, 2] (the B of dW2^T); an odd last row pairs with zeros.  Columns
+// n..ld-1 are zero in the tile already.
+void tile_to_bf16(const float* tile, int64_t sb, int64_t ld, BFloat16* plain, BFloat16* vnni) {
+  using fVec = at::vec::Vectorized<float>;
+  constexpr int64_t W = fVec::size();
+  at::vec::convert(tile, plain, sb * ld);
+  std::vector<float> zeros;
+  for (int64_t r = 0; r < sb; r += 2) {
+    const float* r0 = tile + r * ld;
+    const float* r1 = r0 + ld;
+    if (r + 1 >= sb) {
+      zeros.assign(ld, 0.f);
+      r1 = zeros.data();
     }
+    BFloat16* out = vnni + r * ld;  // row pair r / 2: 2 * ld elements
+    int64_t j = 0;
+    for (; j + W <= ld; j += W) {
+      auto ab = at::vec::interleave2<float>(fVec::loadu(r0 + j), fVec::loadu(r1 + j));
+      at::vec::convert_float_bfloat16(std::get<0>(ab), std::get<1>(ab)).store(out + 2 * j);
+    }
+    for (; j < ld; ++j) {
+      out[2 * j] = BFloat16(r0[j]);
+      out[2 * j + 1] = BFloat16(r1[j]);
+    }
+  }
+}
+
+// The tiles' shared operands, packed once per call.
+template <typename T>
+struct Operands {
+  int64_t S, V, K;  // real slots, vocab, hidden padded for VNNI
+  Tensor Hn;        // A of the logits: [S, K] in T
+  int64_t chunk;
+  Tensor w2t;       // B of the logits, per vocab piece: w2^T [pieces, K, chunk] (bf16: VNNI)
+  Tensor b2;        // [V] acc_t
+};
+
+template <typename T>
+Operands<T> pack_operands(const Tensor& Hn, const Tensor& w2, const Tensor& b2, int64_t chunk) {
+  using acc_t = acc_of<T>;
+  const auto dt = c10::CppTypeToScalarType<T>::value;
+  Operands<T> o;
+  o.S = Hn.size(0);
+  o.V = w2.size(0);
+  o.K = pad_k<T>(w2.size(1));
+  o.Hn = as_a_operand(Hn.to(dt), o.K);
+  // bf16: even pieces, so every piece starts on a VNNI row pair of w2 (the B of dH).
+  chunk = o.chunk = pad_k<T>(chunk);
+  const int64_t np = (o.V + chunk - 1) / chunk;
+  // Each piece's B contiguous (ld = chunk): 1.25x the GEMM rate of ld = V here.
+  Tensor w = at::constant_pad_nd(w2.to(dt), {0, o.K - w2.size(1), 0, np * chunk - o.V});
+  o.w2t = kVnni<T> ? w.view({np, chunk, o.K / 2, 2}).permute({0, 2, 1, 3}).contiguous()
+                   : w.view({np, chunk, o.K}).permute({0, 2, 1}).contiguous();
+  o.b2 = b2.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  return o;
+}
+
+// Vocab pieces [p0, p1) of `chunk` columns each.
+int64_t n_pieces(int64_t V, int64_t chunk) { return (V + chunk - 1) / chunk; }
+
+// Per-slot lse over the whole vocab, [S] acc_t.
+template <typename T>
+Tensor tiled_lse(const Operands<T>& o) {
+  using acc_t = acc_of<T>;
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t S = o.S, V = o.V, K = o.K, chunk = o.chunk;
+  const int64_t nt = at::get_num_threads();
+  // Each thread's running (max, sum of exp) over its own pieces, merged below.
+  Tensor maxs = at::full({nt, S}, -std::numeric_limits<double>::infinity(),
+                         at::TensorOptions().dtype(acc));
+  Tensor sums = at::zeros({nt, S}, at::TensorOptions().dtype(acc));
+  const T* Hn = o.Hn.template const_data_ptr<T>();
+  const T* w2t = o.w2t.template const_data_ptr<T>();
+  const acc_t* b2 = o.b2.template const_data_ptr<acc_t>();
+  at::parallel_for(0, n_pieces(V, chunk), 1, [&](int64_t p0, int64_t p1) {
+    const int64_t t = at::get_thread_num();
+    acc_t* run_max = maxs.data_ptr<acc_t>() + t * S;
+    acc_t* run_sum = sums.data_ptr<acc_t>() + t * S;
+    std::vector<acc_t> tile(kRowBlock * chunk);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t v0 = p * chunk, n = std::min(chunk, V - v0);
+      for (int64_t s0 = 0; s0 < S; s0 += kRowBlock) {
+        const int64_t sb = std::min(kRowBlock, S - s0);
+        tile_gemm(sb, n, K, K, chunk, n, false, Hn + s0 * K, w2t + p * K * chunk,
+                  tile.data());
+        for (int64_t i = 0; i < sb; ++i) {
+          acc_t* row = tile.data() + i * n;
+          const acc_t m = std::max(add_bias_max(row, b2 + v0, n), run_max[s0 + i]);
+          run_sum[s0 + i] = run_sum[s0 + i] * std::exp(run_max[s0 + i] - m) +
+                            sum_exp(row, m, n);
+          run_max[s0 + i] = m;
+        }
+      }
+    }
+    if (!std::is_same_v<T, double>) at::native::cpublas::brgemm_release(kVnni<T>);
   });
+  Tensor m = std::get<0>(maxs.max(0));
+  return m + at::log((sums * at::exp(maxs - m)).sum(0));
 }
 
-// fp32 chunk GEMMs go to oneDNN (2-3x MKL's fp32 speed on this CPU); bf16 dH / dW and fp64
-// keep at::mm (bf16 at::mm is itself oneDNN, as fast as the linear op for those).
-bool use_onednn(const Tensor& t) {
-  return t.scalar_type() == at::kFloat && onednn::linear_pointwise_op() != nullptr;
-}
-
-// Hn [S, C'] @ w2c^T + b2c: [S, n], oneDNN's own output or else written into scratch.
-Tensor chunk_logits(Tensor scratch, const Tensor& Hn, const Tensor& w2c, const Tensor& b2c) {
-  // bf16 too: oneDNN's linear runs this shape at ~2x at::addmm's bf16 rate here.
-  const bool bf16 = Hn.scalar_type() == at::kBFloat16;
-  if (use_onednn(Hn) || (bf16 && onednn::linear_pointwise_op() != nullptr))
-    return onednn::linear(Hn, w2c, b2c, "none");
-  at::addmm_out(scratch, b2c, Hn, w2c.t());
-  return scratch;
+// The softmax part of the vocab projection's backward, all acc_t: dHn [S, C'] with
+// dHn_i = p_coef_i * softmax_i @ w2, dW2 [V, C'] (a transposed view) = sum_i p_coef_i *
+// softmax_i^T Hn_i, db2 [V] = sum_i p_coef_i * softmax_i.
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor> tiled_softmax_grads(const Operands<T>& o, const Tensor& w2,
+                                                        const Tensor& lse_,
+                                                        const Tensor& pc_) {
+  using acc_t = acc_of<T>;
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const auto dt = c10::CppTypeToScalarType<T>::value;
+  const int64_t S = o.S, V = o.V, K = o.K, Cp = w2.size(1), chunk = o.chunk;
+  const int64_t nt = at::get_num_threads();
+  const int64_t Sp = pad_k<T>(S);
+  // B of dH: w2 [V, K] (bf16: VNNI, V padded to even); A of dW2^T: Hn^T [K, Sp].
+  const Tensor w2b = as_b_operand<T>(as_a_operand(w2.to(dt), K));
+  const Tensor HnT = as_a_operand(o.Hn.t(), Sp);
+  Tensor dH = at::zeros({nt, S, K}, at::TensorOptions().dtype(acc));
+  Tensor dW2t = at::empty({K, V}, at::TensorOptions().dtype(acc));
+  Tensor db2 = at::zeros({V}, at::TensorOptions().dtype(acc));
+  const Tensor lse = lse_.contiguous(), pc = pc_.contiguous();
+  const T* Hn = o.Hn.template const_data_ptr<T>();
+  const T* w2t = o.w2t.template const_data_ptr<T>();
+  const T* w2p = w2b.template const_data_ptr<T>();
+  const T* hnt = HnT.template const_data_ptr<T>();
+  const acc_t* b2 = o.b2.template const_data_ptr<acc_t>();
+  const acc_t* lse_p = lse.const_data_ptr<acc_t>();
+  const acc_t* pc_p = pc.const_data_ptr<acc_t>();
+  at::parallel_for(0, n_pieces(V, chunk), 1, [&](int64_t p0, int64_t p1) {
+    const int64_t t = at::get_thread_num();
+    acc_t* dh = dH.data_ptr<acc_t>() + t * S * K;
+    acc_t* dw = dW2t.data_ptr<acc_t>();
+    acc_t* db = db2.data_ptr<acc_t>();
+    const int64_t ld_max = pad_k<T>(chunk);
+    std::vector<acc_t> tile(kRowBlock * ld_max, acc_t(0));
+    std::vector<T> plain(kVnni<T> ? kRowBlock * ld_max : 0);
+    std::vector<T> vnni(kVnni<T> ? (kRowBlock + 1) * ld_max : 0);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t v0 = p * chunk, n = std::min(chunk, V - v0), ld = pad_k<T>(n);
+      for (int64_t s0 = 0; s0 < S; s0 += kRowBlock) {
+        const int64_t sb = std::min(kRowBlock, S - s0);
+        tile_gemm(sb, n, K, K, chunk, ld, false, Hn + s0 * K, w2t + p * K * chunk,
+                  tile.data());
+        for (int64_t i = 0; i < sb; ++i) {
+          acc_t* row = tile.data() + i * ld;
+          scaled_softmax_row(row, b2 + v0, lse_p[s0 + i], pc_p[s0 + i], db + v0, n);
+          if (ld > n) row[n] = 0;  // the VNNI pad column takes no part
+        }
+        const T* dl_a = nullptr;
+        const T* dl_b = nullptr;
+        if constexpr (kVnni<T>) {
+          tile_to_bf16(tile.data(), sb, ld, plain.data(), vnni.data());
+          dl_a = plain.data();
+          dl_b = vnni.data();
+        } else {
+          dl_a = dl_b = tile.data();
+        }
+        // dH[s0:s0+sb] += dl [sb, ld] @ w2[v0:v0+ld];  dW2^T[:, v0:v0+n] (+)= Hn^T @ dl.
+        tile_gemm(sb, K, ld, ld, K, K, true, dl_a, w2p + v0 * K, dh + s0 * K);
+        tile_gemm(K, n, pad_k<T>(sb), Sp, ld, V, s0 > 0, hnt + s0, dl_b, dw + v0);
+      }
+    }
+    if (!std::is_same_v<T, double>) at::native::cpublas::brgemm_release(kVnni<T>);
+  });
+  Tensor dHn = dH.sum(0).narrow(1, 0, Cp);
+  return {dHn, dW2t.narrow(0, 0, Cp).t(), db2};
 }
 
 at::ScalarType acc_type(const Tensor& X) {
   return X.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The GEMM type the tiles run in: the input's, except bf16 without a bf16 brgemm (fp32).
+at::ScalarType compute_type(const Tensor& X) {
+  if (X.scalar_type() == at::kBFloat16 && !bf16_brgemm_ok()) return at::kFloat;
+  return X.scalar_type();
 }
 
 void check_inputs(const Tensor& X, const Tensor& positions, const Tensor& weights,
@@ -148,6 +403,11 @@ void check_inputs(const Tensor& X, const Tensor& positions, const Tensor& weight
                   w2.size(1) == w1.size(0),
               "mlm_loss: head weight shapes do not match X");
   TORCH_CHECK(chunk > 0, "mlm_loss: the vocab chunk must be positive, got ", chunk);
+  TORCH_CHECK(X.scalar_type() == w1.scalar_type() && X.scalar_type() == w2.scalar_type(),
+              "mlm_loss: X, w1 and w2 must share a dtype");
+  const auto dt = X.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kDouble,
+              "mlm_loss (cpp): float32, bfloat16 or float64 only, got ", dt);
 }
 
 }  // namespace
@@ -156,20 +416,16 @@ void check_inputs(const Tensor& X, const Tensor& positions, const Tensor& weight
 // none); lse holds each real slot's logsumexp (0 at padding slots).  Both are float32
 // (float64 for float64 inputs).
 std::tuple<Tensor, Tensor> mlm_loss_cpu(const Tensor& X_, const Tensor& positions_,
-                                            const Tensor& weights_, const Tensor& labels_,
-                                            const Tensor& w1, const Tensor& b1,
-                                            const Tensor& ln_w, const Tensor& ln_b,
-                                            const Tensor& w2_, const Tensor& b2, double eps,
-                                            int64_t chunk) {
+                                        const Tensor& weights_, const Tensor& labels_,
+                                        const Tensor& w1, const Tensor& b1, const Tensor& ln_w,
+                                        const Tensor& ln_b, const Tensor& w2_, const Tensor& b2,
+                                        double eps, int64_t chunk) {
   check_inputs(X_, positions_, weights_, labels_, w1, w2_, chunk);
-  TORCH_CHECK(X_.scalar_type() == w1.scalar_type() && X_.scalar_type() == w2_.scalar_type(),
-              "mlm_loss: X, w1 and w2 must share a dtype");
   at::NoGradGuard no_grad;
   const Tensor X = X_.contiguous(), positions = positions_.contiguous();
   const Tensor weights = weights_.contiguous(), labels = labels_.contiguous();
   const Tensor w2 = w2_.contiguous();
   const auto acc = acc_type(X);
-  const int64_t V = w2.size(0);
 
   Slots s = real_slots(X, positions, weights);
   const int64_t S = s.flat.size(0);
@@ -177,21 +433,10 @@ std::tuple<Tensor, Tensor> mlm_loss_cpu(const Tensor& X_, const Tensor& position
   if (S == 0) return {at::zeros({}, X.options().dtype(acc)), lse_all.view(positions.sizes())};
 
   Mlp m = run_mlp(X, s, w1, b1, ln_w, ln_b, eps);
-  Tensor run_max = at::full({S}, -std::numeric_limits<double>::infinity(),
-                            X.options().dtype(acc));
-  Tensor run_sum = at::zeros({S}, X.options().dtype(acc));
-  // One chunk of scratch, reused (left untouched when oneDNN allocates its own output).
-  Tensor logits = at::empty({S * std::min(chunk, V)}, X.options());
-  for (int64_t v0 = 0; v0 < V; v0 += chunk) {
-    const int64_t n = std::min(chunk, V - v0);
-    Tensor buf = chunk_logits(logits.narrow(0, 0, S * n).view({S, n}), m.Hn,
-                              w2.narrow(0, v0, n), b2.narrow(0, v0, n));
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, buf.scalar_type(), "mlm_loss", [&] {
-      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      fold_chunk<scalar_t, acc_t>(buf, run_max.data_ptr<acc_t>(), run_sum.data_ptr<acc_t>());
-    });
-  }
-  Tensor lse = run_max + at::log(run_sum);
+  Tensor lse;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, compute_type(X), "mlm_loss", [&] {
+    lse = tiled_lse<scalar_t>(pack_operands<scalar_t>(m.Hn, w2, b2, chunk));
+  });
   // The label logit of each slot: one dot product, in the accumulation type.
   Tensor y = labels.reshape(-1).index_select(0, s.flat);
   Tensor label_logit = (m.Hn.to(acc) * w2.index_select(0, y).to(acc)).sum(1) +
@@ -204,19 +449,17 @@ std::tuple<Tensor, Tensor> mlm_loss_cpu(const Tensor& X_, const Tensor& position
 
 // Gradients for X and the six head parameters, given d loss and (optionally) d lse.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlm_loss_backward_cpu(
-    const Tensor& grad, const std::optional<Tensor>& grad_lse, const Tensor& X_, const Tensor& positions_, const Tensor& weights_,
-    const Tensor& labels_, const Tensor& w1, const Tensor& b1, const Tensor& ln_w,
-    const Tensor& ln_b, const Tensor& w2_, const Tensor& b2, double eps, int64_t chunk,
-    const Tensor& lse_all) {
+    const Tensor& grad, const std::optional<Tensor>& grad_lse, const Tensor& X_,
+    const Tensor& positions_, const Tensor& weights_, const Tensor& labels_, const Tensor& w1,
+    const Tensor& b1, const Tensor& ln_w, const Tensor& ln_b, const Tensor& w2_,
+    const Tensor& b2, double eps, int64_t chunk, const Tensor& lse_all) {
   check_inputs(X_, positions_, weights_, labels_, w1, w2_, chunk);
-  TORCH_CHECK(X_.scalar_type() == w1.scalar_type() && X_.scalar_type() == w2_.scalar_type(),
-              "mlm_loss: X, w1 and w2 must share a dtype");
   at::NoGradGuard no_grad;
   const Tensor X = X_.contiguous(), positions = positions_.contiguous();
   const Tensor weights = weights_.contiguous(), labels = labels_.contiguous();
   const Tensor w2 = w2_.contiguous();
   const auto acc = acc_type(X);
-  const int64_t V = w2.size(0), Cp = w1.size(0);
+  const int64_t Cp = w1.size(0);
 
   Tensor dX = at::zeros_like(X);
   Slots s = real_slots(X, positions, weights);
@@ -231,48 +474,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlm_loss_back
   // d loss / d CE_i = grad * w_i / sum w;  d CE_i / d logits_i = softmax_i - onehot(y_i);
   // d lse_i / d logits_i = softmax_i.
   Tensor coef = (w * (grad.to(acc) / w.sum())).unsqueeze(1);  // [S, 1]
-  Tensor p_coef = coef;
+  Tensor p_coef = coef.squeeze(1);
   if (grad_lse.has_value() && grad_lse->defined()) {
-    p_coef = coef + grad_lse->reshape(-1).index_select(0, s.flat).to(acc).unsqueeze(1);
+    p_coef = p_coef + grad_lse->reshape(-1).index_select(0, s.flat).to(acc);
   }
-  p_coef = p_coef.contiguous();
-  Tensor lse = lse_all.reshape(-1).index_select(0, s.flat).to(acc).contiguous();
+  Tensor lse = lse_all.reshape(-1).index_select(0, s.flat).to(acc);
 
-  Tensor dHn = at::zeros({S, Cp}, X.options().dtype(acc));
-  Tensor dw2 = at::empty_like(w2);
-  Tensor db2 = at::empty({V}, X.options().dtype(acc));
-  // One chunk of scratch, reused (left untouched when oneDNN allocates its own output).
-  Tensor logits = at::empty({S * std::min(chunk, V)}, X.options());
-  for (int64_t v0 = 0; v0 < V; v0 += chunk) {
-    const int64_t n = std::min(chunk, V - v0);
-    Tensor w2c = w2.narrow(0, v0, n);
-    Tensor dl = chunk_logits(logits.narrow(0, 0, S * n).view({S, n}), m.Hn, w2c,
-                             b2.narrow(0, v0, n));  // the logits, recomputed
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dl.scalar_type(), "mlm_loss_backward", [&] {
-      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      scaled_softmax_inplace<scalar_t, acc_t>(dl, lse.data_ptr<acc_t>(), p_coef.data_ptr<acc_t>());
-    });
-    Tensor db2c = db2.narrow(0, v0, n);
-    at::sum_out(db2c, dl, {0}, false, acc);
-    Tensor dw2c = dw2.narrow(0, v0, n);
-    if (use_onednn(dl)) {
-      dHn.add_(onednn::linear(dl, w2c.t(), std::nullopt, "none"));
-      dw2c.copy_(onednn::weight_grad(dl, m.Hn));
-    } else {
-      if (dl.scalar_type() == acc) {
-        dHn.addmm_(dl, w2c);
-      } else {
-        dHn.add_(at::mm(dl, w2c));  // low-precision GEMM, accumulated across chunks in fp32
-      }
-      at::mm_out(dw2c, dl.t(), m.Hn);
-    }
-  }
+  Tensor dHn, dw2, db2;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, compute_type(X), "mlm_loss_backward", [&] {
+    std::tie(dHn, dw2, db2) = tiled_softmax_grads<scalar_t>(
+        pack_operands<scalar_t>(m.Hn, w2, b2, chunk), w2, lse, p_coef);
+  });
   // The -coef * onehot(y) part of dlogits, in the accumulation type.
-  Tensor c = coef.squeeze(1);
   dHn.sub_(w2.index_select(0, y).to(acc) * coef);
-  Tensor dw2_acc = dw2.to(acc);
+  Tensor dw2_acc = dw2.contiguous();
   dw2_acc.index_add_(0, y, m.Hn.to(acc) * coef, -1);
-  db2.index_add_(0, y, c, -1);
+  db2.index_add_(0, y, coef.squeeze(1), -1);
 
   // Back through LayerNorm, ReLU and the first Linear; scatter-add into X (positions may
   // repeat).
