@@ -173,6 +173,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
         const int64_t b = id / H, h = id % H;
         const auto pr = make_problem(qp, kp, vp, cq, c, b, h, H, D, Tk);
         const int64_t qoff = cq[b] * H * D + h * D, koff = c[b] * H * D + h * D;
+        if (pr.nq == 0) {  // keys no query sees: zero gradients, without reading k and v
+          for (int64_t j = 0; j < pr.nk; ++j) {
+            std::fill(dkp + koff + j * H * D, dkp + koff + j * H * D + D, scalar_t(0.f));
+            std::fill(dvp + koff + j * H * D, dvp + koff + j * H * D + D, scalar_t(0.f));
+          }
+          continue;
+        }
         attn::backward_problem(pr, D, D, static_cast<float>(scale), dr, gop + qoff,
                                opp + qoff, H * D, lp + cq[b] * H + h, H, dqp + qoff,
                                dkp + koff, dvp + koff, scratch);
