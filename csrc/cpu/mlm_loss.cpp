@@ -159,40 +159,34 @@ at::vec::Vectorized<acc_t> vexp(const at::vec::Vectorized<acc_t>& x) {
   }
 }
 
-// row[j] += b[j] for j < n; returns the max of the result.
+// One row of a tile folded into the running (max m, sum of exp s) of its slot: the logits
+// are row[j] + b[j] (the tile holds them without the bias).  Two passes over a row that sits
+// in L1: the max, then the sum of exp.
 template <typename acc_t>
-acc_t add_bias_max(acc_t* row, const acc_t* b, int64_t n) {
+void fold_row(const acc_t* row, const acc_t* b, int64_t n, acc_t& m, acc_t& s) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
-  Vec vmax(-std::numeric_limits<acc_t>::infinity());
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  Vec vmax(-inf);
   int64_t j = 0;
-  for (; j + W <= n; j += W) {
-    Vec x = Vec::loadu(row + j) + Vec::loadu(b + j);
-    x.store(row + j);
-    vmax = at::vec::maximum(vmax, x);
-  }
-  acc_t m = at::vec::vec_reduce_all<acc_t>(
-      [](Vec a, Vec c) { return at::vec::maximum(a, c); }, vmax);
-  for (; j < n; ++j) {
-    row[j] += b[j];
-    m = std::max(m, row[j]);
-  }
-  return m;
-}
-
-// sum_j exp(row[j] - m).
-template <typename acc_t>
-acc_t sum_exp(const acc_t* row, acc_t m, int64_t n) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t W = Vec::size();
-  Vec vsum(0), vm(m);
-  int64_t j = 0;
-  for (; j + W <= n; j += W) vsum += vexp(Vec::loadu(row + j) - vm);
+  for (; j + W <= n; j += W)
+    vmax = at::vec::maximum(vmax, Vec::loadu(row + j) + Vec::loadu(b + j));
   if (j < n) {
-    Vec x = vexp(Vec::loadu(row + j, n - j) - vm);
+    Vec x = Vec::loadu(row + j, n - j) + Vec::loadu(b + j, n - j);
+    vmax = at::vec::maximum(vmax, Vec::set(Vec(-inf), x, n - j));
+  }
+  const acc_t new_m = std::max(m, at::vec::vec_reduce_all<acc_t>(
+                                       [](Vec a, Vec c) { return at::vec::maximum(a, c); }, vmax));
+  Vec vsum(0);
+  const Vec vm(new_m);
+  for (j = 0; j + W <= n; j += W) vsum += vexp(Vec::loadu(row + j) + Vec::loadu(b + j) - vm);
+  if (j < n) {
+    Vec x = vexp(Vec::loadu(row + j, n - j) + Vec::loadu(b + j, n - j) - vm);
     vsum += Vec::set(Vec(0), x, n - j);
   }
-  return at::vec::vec_reduce_all<acc_t>([](Vec a, Vec c) { return a + c; }, vsum);
+  s = s * std::exp(m - new_m) +
+      at::vec::vec_reduce_all<acc_t>([](Vec a, Vec c) { return a + c; }, vsum);
+  m = new_m;
 }
 
 // row[j] = c * exp(row[j] + b[j] - l); db[j] += row[j].
@@ -299,13 +293,8 @@ Tensor tiled_lse(const Operands<T>& o) {
         const int64_t sb = std::min(kRowBlock, S - s0);
         tile_gemm(sb, n, K, K, chunk, n, false, Hn + s0 * K, w2t + p * K * chunk,
                   tile.data());
-        for (int64_t i = 0; i < sb; ++i) {
-          acc_t* row = tile.data() + i * n;
-          const acc_t m = std::max(add_bias_max(row, b2 + v0, n), run_max[s0 + i]);
-          run_sum[s0 + i] = run_sum[s0 + i] * std::exp(run_max[s0 + i] - m) +
-                            sum_exp(row, m, n);
-          run_max[s0 + i] = m;
-        }
+        for (int64_t i = 0; i < sb; ++i)
+          fold_row(tile.data() + i * n, b2 + v0, n, run_max[s0 + i], run_sum[s0 + i]);
       }
     }
     if (!std::is_same_v<T, double>) at::native::cpublas::brgemm_release(kVnni<T>);
