@@ -89,6 +89,21 @@ class BERTEncoder(nn.Module):
             X = self.embedding_dropout(self.embedding_norm(X))
         return X
 
+    def embed_packed(self, tokens, segments, valid_lens):
+        """The embedding of the valid tokens only: ``(X[T, C], cu_seqlens, max_len)``, equal to
+        ``ops.pack(self.embed(tokens, segments), valid_lens)`` without embedding the pads."""
+        B, L = tokens.shape
+        positions = torch.arange(L, device=tokens.device).expand(B, L)
+        ids, cu_seqlens, max_len = ops.pack(
+            torch.stack([tokens.long(), segments.long(), positions], -1), valid_lens)
+        tok, seg, pos = ids.unbind(-1)
+        pos_table = self.pos_embedding[0]
+        X = self.token_embedding(tok) + self.segment_embedding(seg)
+        X = X + (pos_table if self.train_pos_embedding else pos_table.detach())[pos]
+        if self.embedding_norm is not None:
+            X = self.embedding_dropout(self.embedding_norm(X))
+        return X, cu_seqlens, max_len
+
     def uses_unpadded(self, X: torch.Tensor, valid_lens) -> bool:
         if valid_lens is not None and valid_lens.dim() != 1:
             return False  # per-query lengths need the padded attention
@@ -99,24 +114,69 @@ class BERTEncoder(nn.Module):
         return backends.resolve_name("varlen_attention", X.device.type, X.dtype) != "reference"
 
     def forward(self, tokens, segments, valid_lens):
+        return self._encode(tokens, segments, valid_lens, None)
+
+    def forward_rows(self, tokens, segments, valid_lens, positions):
+        """``self(tokens, segments, valid_lens)[b, positions[b, p]]`` as ``[B, P, C]``, for heads
+        that read a few rows (``<cls>`` for the classifier, ``<cls>`` and the MLM positions
+        for pretraining).  The unpadded encoder runs its last block for those rows only: their
+        queries attend to every valid key, and nothing else of that block is needed.  Rows at
+        pad positions are zeros, as in the unpadded ``encoded_X``."""
+        if (not isinstance(positions, torch.Tensor) or positions.dim() != 2
+                or positions.is_floating_point() or positions.dtype == torch.bool):
+            raise TypeError("positions must be an integer tensor of shape [batch, P]")
+        if positions.shape[0] != tokens.shape[0] or positions.device != tokens.device:
+            raise ValueError(f"positions {tuple(positions.shape)} on {positions.device} must "
+                             f"have one row per sequence of tokens {tuple(tokens.shape)} on "
+                             f"{tokens.device}")
+        if (not torch.compiler.is_compiling() and positions.numel()
+                and positions.device.type != "meta"):
+            lo, hi = int(positions.min()), int(positions.max())
+            if lo < 0 or hi >= tokens.shape[1]:
+                raise ValueError(f"positions must lie in [0, {tokens.shape[1] - 1}], got "
+                                 f"values in [{lo}, {hi}]")
+        return self._encode(tokens, segments, valid_lens, positions.long())
+
+    def _encode(self, tokens, segments, valid_lens, positions):
         _check_ids("tokens", tokens, self.vocab_size)
         _check_ids("segments", segments, 2, like=tokens)
         B, L = tokens.shape
         if L > self.max_len:
             raise ValueError(f"tokens have length {L} but the model's max_len is {self.max_len}")
         valid_lens = ops.normalize_valid_lens(valid_lens, B, L, L, tokens.device)
-        X = self.embed(tokens, segments)
-        if not self.uses_unpadded(X, valid_lens):
+        if not self.uses_unpadded(self.token_embedding.weight, valid_lens):
+            X = self.embed(tokens, segments)
             for blk in self.blks:
                 X = blk(X, valid_lens)
-            return X
+            if positions is None:
+                return X
+            return X[torch.arange(B, device=X.device)[:, None], positions]
         if valid_lens is None:
             valid_lens = torch.full((B,), L, dtype=torch.int32, device=tokens.device)
-        # Pack the valid tokens once, run every block on [T, C], unpack once: pads come back 0.
-        packed, cu_seqlens, max_len = ops.pack(X, valid_lens)
-        for blk in self.blks:
+        # Embed and pack the valid tokens once, run every block on [T, C], unpack once: pads
+        # come back 0.
+        packed, cu_seqlens, max_len = self.embed_packed(tokens, segments, valid_lens)
+        blks = list(self.blks)
+        if positions is None:
+            for blk in blks:
+                packed = blk.forward_packed(packed, cu_seqlens, max_len)
+            return ops.unpack(packed, cu_seqlens, L)
+        for blk in blks[:-1]:
             packed = blk.forward_packed(packed, cu_seqlens, max_len)
-        return ops.unpack(packed, cu_seqlens, L)
+        # Packed row of each wanted position; a pad position reads an appended zero row (any
+        # finite input does: its result is zeroed below), so even T = 0 needs no special case.
+        inside = positions < valid_lens.long()[:, None]
+        rows = torch.where(inside, cu_seqlens[:-1].long()[:, None] + positions,
+                           cu_seqlens[-1].long())
+        P = positions.shape[1]
+        Xq = torch.cat([packed, packed.new_zeros(1, packed.shape[1])]).index_select(
+            0, rows.reshape(-1))
+        if blks:
+            cu_seqlens_q = torch.arange(0, (B + 1) * P, P, dtype=torch.int32,
+                                        device=tokens.device)
+            Xq = blks[-1].forward_packed(packed, cu_seqlens, max_len, queries=Xq,
+                                         cu_seqlens_q=cu_seqlens_q)
+        return Xq.reshape(B, P, -1) * inside[..., None].to(Xq.dtype)
 
 
 class MaskLM(nn.Module):
@@ -179,5 +239,10 @@ class BERTClassifier(nn.Module):
 
     def forward(self, inputs):
         tokens_X, segments_X, valid_lens_x = inputs
-        encoded_X = self.encoder(tokens_X, segments_X, valid_lens_x)
-        return self.output(self.hidden(encoded_X[:, 0, :]))
+        if isinstance(self.encoder, BERTEncoder):
+            # Only the <cls> row is read: the last block runs for it alone.
+            cls = self.encoder.forward_rows(tokens_X, segments_X, valid_lens_x,
+                                            tokens_X.new_zeros(tokens_X.shape[0], 1))[:, 0, :]
+        else:
+            cls = self.encoder(tokens_X, segments_X, valid_lens_x)[:, 0, :]
+        return self.output(self.hidden(cls))

@@ -108,30 +108,44 @@ class MultiHeadAttention(nn.Module):
         output = self.attention(queries, keys, values, valid_lens)
         return self.W_o(transpose_output(output, self.num_heads))
 
-    def forward_packed(self, X: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int):
-        """Self-attention on packed tokens ``X[T, C]`` (the unpadded encoder)."""
+    def forward_packed(self, X: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
+                       queries: Optional[torch.Tensor] = None,
+                       cu_seqlens_q: Optional[torch.Tensor] = None):
+        """Self-attention on packed tokens ``X[T, C]`` (the unpadded encoder).  With
+        ``queries[Tq, C]`` and their offsets ``cu_seqlens_q``, only those rows query (each
+        sequence's keys and values are still all of its rows of ``X``)."""
         T, H = X.shape[0], self.num_heads
         projections = (self.W_q, self.W_k, self.W_v)
         if any(isinstance(m.weight, nn.parameter.UninitializedParameter)
                for m in projections + (self.W_o,)):
             # d2l 1.x lazy layers: the first call materializes them through the modules.
             q, k, v = (m(X) for m in projections)
-            out = ops.varlen_attention(q.reshape(T, H, -1), k.reshape(T, H, -1),
+            if queries is not None:
+                q = self.W_q(queries)
+            out = ops.varlen_attention(q.reshape(q.shape[0], H, -1), k.reshape(T, H, -1),
                                        v.reshape(T, H, -1), cu_seqlens, max_len,
-                                       _dropout_p(self.attention.dropout, self.training))
-            return self.W_o(out.reshape(T, -1))
-        # One fused QKV GEMM (ops.linear: oneDNN on the cpp backend) on the concatenated
-        # weights, split into views: fewer, larger GEMMs than three projections.
-        weight = torch.cat([m.weight for m in projections])
-        bias = (None if self.W_q.bias is None
-                else torch.cat([m.bias for m in projections]))
-        q, k, v = ops.linear(X, weight, bias).split([m.weight.shape[0] for m in projections], -1)
+                                       _dropout_p(self.attention.dropout, self.training),
+                                       cu_seqlens_q=cu_seqlens_q)
+            return self.W_o(out.reshape(q.shape[0], -1))
+        bias = [None] * 3 if self.W_q.bias is None else [m.bias for m in projections]
+        if queries is None:
+            # One fused QKV GEMM (ops.linear: oneDNN on the cpp backend) on the concatenated
+            # weights, split into views: fewer, larger GEMMs than three projections.
+            weight = torch.cat([m.weight for m in projections])
+            q, k, v = ops.linear(X, weight, None if bias[0] is None else torch.cat(bias)).split(
+                [m.weight.shape[0] for m in projections], -1)
+        else:
+            q = ops.linear(queries, self.W_q.weight, bias[0])
+            k, v = ops.linear(X, torch.cat([self.W_k.weight, self.W_v.weight]),
+                              None if bias[1] is None else torch.cat(bias[1:])).split(
+                [self.W_k.weight.shape[0], self.W_v.weight.shape[0]], -1)
         # unflatten, not reshape(T, H, -1): a strided view with a data-dependent T would make
         # torch.compile guard on T.
         out = ops.varlen_attention(q.unflatten(-1, (H, -1)), k.unflatten(-1, (H, -1)),
                                    v.unflatten(-1, (H, -1)), cu_seqlens, max_len,
-                                   _dropout_p(self.attention.dropout, self.training))
-        return ops.linear(out.reshape(T, -1), self.W_o.weight, self.W_o.bias)
+                                   _dropout_p(self.attention.dropout, self.training),
+                                   cu_seqlens_q=cu_seqlens_q)
+        return ops.linear(out.flatten(-2), self.W_o.weight, self.W_o.bias)
 
 
 class PositionWiseFFN(nn.Module):
@@ -191,7 +205,9 @@ class EncoderBlock(nn.Module):
         Y = self.addnorm1(X, self.attention(X, X, X, valid_lens))
         return self.addnorm2(Y, self.ffn(Y))
 
-    def forward_packed(self, X, cu_seqlens, max_len):
-        """The same block on packed tokens ``X[T, C]``."""
-        Y = self.addnorm1(X, self.attention.forward_packed(X, cu_seqlens, max_len))
+    def forward_packed(self, X, cu_seqlens, max_len, queries=None, cu_seqlens_q=None):
+        """The same block on packed tokens ``X[T, C]``; with ``queries`` (rows of X, offsets
+        ``cu_seqlens_q``), the block's output for those rows only."""
+        attended = self.attention.forward_packed(X, cu_seqlens, max_len, queries, cu_seqlens_q)
+        Y = self.addnorm1(X if queries is None else queries, attended)
         return self.addnorm2(Y, self.ffn(Y))

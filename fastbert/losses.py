@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .bert import BERTEncoder
 
 __all__ = ["bert_pretrain_loss", "mlm_head_parameters"]
 
@@ -73,8 +74,20 @@ def bert_pretrain_loss(net, vocab_size, tokens_X, segments_X, valid_lens_x, pred
     if w2.shape[0] != vocab_size:
         raise ValueError(f"vocab_size is {vocab_size} but the MLM head predicts "
                          f"{w2.shape[0]} tokens")
-    # pred_positions=None: the model skips its MaskLM (the fused op replaces it).
-    encoded_X, _, nsp_Y_hat = net(tokens_X, segments_X, valid_lens, None)
+    encoder = getattr(net, "encoder", None)
+    if isinstance(encoder, BERTEncoder) and isinstance(pred_positions_X, torch.Tensor) \
+            and pred_positions_X.dim() == 2:
+        # The heads read <cls> and the prediction positions only: the encoder's last block
+        # runs for those rows (forward_rows), the MLM op then reads them in order.
+        B, P = pred_positions_X.shape
+        rows = encoder.forward_rows(tokens_X, segments_X, valid_lens, torch.cat(
+            [pred_positions_X.new_zeros(B, 1), pred_positions_X], 1))
+        nsp_Y_hat = net.nsp(net.hidden(rows[:, 0, :]))
+        encoded_X = rows[:, 1:, :]
+        pred_positions_X = torch.arange(P, device=rows.device).expand(B, P)
+    else:
+        # pred_positions=None: the model skips its MaskLM (the fused op replaces it).
+        encoded_X, _, nsp_Y_hat = net(tokens_X, segments_X, valid_lens, None)
     mlm_l = ops.mlm_loss(encoded_X, pred_positions_X, mlm_weights_X, mlm_Y, w1, b1,
                          ln_weight, ln_bias, w2, b2, eps=eps)
     nsp_l = F.cross_entropy(nsp_Y_hat.float() if nsp_Y_hat.dtype != torch.float64
