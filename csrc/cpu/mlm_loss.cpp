@@ -13,7 +13,17 @@
 // both are hot; the -coef * onehot(label) part of dlogits is applied once, outside the
 // tiles, as a gather / scatter-add.  The two threads split the vocab pieces (each keeps its
 // own partial (max, sum) or dH; dW2 / db2 columns belong to one thread), and each thread
-// walks all slot blocks for one piece, so the piece of w2 and of dW2^T stay in its L2.
+// walks all slot blocks for one piece, so the piece of w2 and of dW2^T stay in its L2.  The
+// split is static, so results do not depend on timing (handing pieces out dynamically made
+// the sums' grouping, hence the last bits, vary from run to run).
+//
+// Why 4 GEMM passes (forward 1, backward 3) and not the 3 of computing the gradients in the
+// forward (Liger-Kernel's fused linear cross-entropy): a slot's softmax needs its lse over the
+// whole vocab first, so that scheme needs a [slot block, V] slab of logits (5 MB fp32 for 64
+// slots) and re-reads a dW2 accumulator (10 MB fp32) per slot block, both beyond L2; by our
+// estimate the pass it saves comes back as memory traffic.  Here every operand of a tile
+// sits in L2 and the GEMMs run at the micro-kernel's rate (measured ~200 GFLOP/s fp32 and
+// ~400 bf16 per core on this machine's Zen 5 cores), so the op is compute-bound.
 //
 // bf16 runs the GEMMs in bf16 with fp32 accumulation (B operands in oneDNN's VNNI layout:
 // pairs of K rows interleaved); logits, softmax and lse are always fp32.  fp64 runs the same
