@@ -458,3 +458,33 @@ def test_cross_bad_inputs_raise_clear_errors():
         op(torch.randn(3, 1, 8), k, k, cu, 0.0, 0.2, None, cu_of([1, 2]))
     with pytest.raises(RuntimeError, match="cu_seqlens_q"):
         op(q, k, k, cu, 0.0, 0.2, None)  # q has its own rows: cu_seqlens_q needed
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_strided_views_of_a_fused_qkv(backend, dtype, cross, poisoned):
+    """The encoder's q, k, v are column slices of one [T, 3*H*D] QKV GEMM output (row stride
+    3*H*D; the cpp kernel reads them in place): same results as contiguous copies, and
+    contiguous gradients, forward and backward, self- and cross-length."""
+    device = device_for(backend)
+    lens, H, D = [5, 1, 0, 17, 9], 3, 16
+    cu, T, L = cu_of(lens, device), sum(lens), max(lens)
+    qkv = torch.randn(T, 3 * H * D, device=device).to(dtype)
+    q, k, v = (t.unflatten(-1, (H, D)) for t in qkv.split(H * D, -1))
+    assert q.stride(0) == 3 * H * D and not q.is_contiguous()
+    cu_q = None
+    if cross:  # queries: rows 0 and 2 of every sequence (the pad-free ones), strided too
+        q_rows = [r for b, n in enumerate(lens) for r in (int(cu[b]), int(cu[b]) + 2) if 2 < n]
+        q = qkv.unflatten(-1, (3, H, D))[q_rows][:, 0]  # [Tq, H, D], row stride 3*H*D
+        cu_q = cu_of([2 if n > 2 else 0 for n in lens], device)
+    dO = torch.randn(q.shape, device=device).to(dtype)
+    with poison(backend):
+        with on_backend(backend, "varlen_attention", device, dtype):
+            qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
+            out = ops.varlen_attention(qs, ks, vs, cu, L, cu_seqlens_q=cu_q)
+            grads = torch.autograd.grad(out, (qs, ks, vs), dO)
+    want = run(backend, dtype, q.contiguous(), k.contiguous(), v.contiguous(), cu, L, dO,
+               cu_q=cu_q)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), (out,) + grads, want):
+        assert not torch.isnan(g).any(), f"{name}: unwritten element"
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")

@@ -170,6 +170,8 @@ template <typename T>
 struct Problem {
   const T* q; const T* k; const T* v;
   int64_t q_rs, k_rs, v_rs;
+  // Row strides of the gradients dq, dk, dv in the backward; 0: the input's (q_rs ...).
+  int64_t dq_rs = 0, dk_rs = 0, dv_rs = 0;
   int64_t nq, nk;
   // Key limit per query row: lim_rows ? lim_rows[i] : lim.  0 means a uniform row.
   const int32_t* lim_rows;
@@ -292,8 +294,8 @@ void forward_problem(const Problem<T>& pr, int64_t D, int64_t Dv, float scale,
   }
 }
 
-// Backward of one problem.  Gradient pointers share the strides of their inputs (dq with
-// q_rs ...); go (grad of out) uses o_rs.  `o` (the output) is not needed: the row sums
+// Backward of one problem.  Gradient rows use dq_rs/dk_rs/dv_rs (default: the strides of
+// their inputs); go (grad of out) uses o_rs.  `o` (the output) is not needed: the row sums
 // D_i = sum_j P_ij dP_ij come from the recomputed tile, as torch's softmax backward does.
 template <typename T>
 void backward_problem(const Problem<T>& pr, int64_t D, int64_t Dv, float scale,
@@ -302,8 +304,10 @@ void backward_problem(const Problem<T>& pr, int64_t D, int64_t Dv, float scale,
                       Scratch& scratch) {
   const int64_t nq = pr.nq, nk = pr.nk;
   const int64_t nkp = pad16(nk), Dp = pad16(D), Dvp = pad16(Dv);
+  const int64_t dq_rs = pr.dq_rs ? pr.dq_rs : pr.q_rs, dk_rs = pr.dk_rs ? pr.dk_rs : pr.k_rs,
+                dv_rs = pr.dv_rs ? pr.dv_rs : pr.v_rs;
   if (nk == 0) {
-    for (int64_t i = 0; i < nq; ++i) std::fill(dq + i * pr.q_rs, dq + i * pr.q_rs + D, T(0.f));
+    for (int64_t i = 0; i < nq; ++i) std::fill(dq + i * dq_rs, dq + i * dq_rs + D, T(0.f));
     return;
   }
   const int64_t mb = std::max<int64_t>(1, std::min(nq, kRowBlock));
@@ -365,11 +369,11 @@ void backward_problem(const Problem<T>& pr, int64_t D, int64_t Dv, float scale,
     gemm(kmax, Dp, m, ds, 1, nkp, qs, Dp, gk, Dp, true);
     gemm(m, Dp, kmax, ds, nkp, 1, kk, Dp, gq, Dp, false);
     for (int64_t r = 0; r < m; ++r)
-      store_row(gq + r * Dp, D, scale, dq + (i0 + r) * pr.q_rs);
+      store_row(gq + r * Dp, D, scale, dq + (i0 + r) * dq_rs);
   }
   for (int64_t j = 0; j < nk; ++j) {
-    store_row(gk + j * Dp, D, scale, dk + j * pr.k_rs);
-    store_row(gv + j * Dvp, Dv, 1.f, dv + j * pr.v_rs);
+    store_row(gk + j * Dp, D, scale, dk + j * dk_rs);
+    store_row(gv + j * Dvp, Dv, 1.f, dv + j * dv_rs);
   }
 }
 

@@ -72,17 +72,32 @@ Dropout make_dropout(double p, const std::optional<at::Tensor>& seed) {
   return dr;
 }
 
+// q, k, v as the kernel reads them: each packed row's [H, D] block contiguous, rows at any
+// stride.  The encoder's q, k, v are column slices of one fused QKV GEMM output [T, 3C]:
+// reading them in place saves three copies in the forward and three in the backward.
+at::Tensor rows_of_heads(const at::Tensor& t) {
+  const bool heads_contiguous = t.stride(2) == 1 && (t.size(1) == 1 || t.stride(1) == t.size(2));
+  return heads_contiguous && t.stride(0) >= t.size(1) * t.size(2) ? t : t.contiguous();
+}
+
+// Row strides of q, k, v (elements).
+struct RowStrides {
+  int64_t q, k, v;
+};
+
 // cq: query offsets (== ck for self-attention), ck: key offsets, Tk: key rows.
 template <typename T>
-Problem<T> make_problem(const T* q, const T* k, const T* v, const int32_t* cq,
-                        const int32_t* ck, int64_t b, int64_t h, int64_t H, int64_t D,
-                        int64_t Tk) {
-  const int64_t qs = cq[b], ks = ck[b], rs = H * D;
+Problem<T> make_problem(const T* q, const T* k, const T* v, const RowStrides& rs,
+                        const int32_t* cq, const int32_t* ck, int64_t b, int64_t h, int64_t H,
+                        int64_t D, int64_t Tk) {
+  const int64_t qs = cq[b], ks = ck[b];
   Problem<T> pr;
-  pr.q = q + qs * rs + h * D;
-  pr.k = k + ks * rs + h * D;
-  pr.v = v + ks * rs + h * D;
-  pr.q_rs = pr.k_rs = pr.v_rs = rs;
+  pr.q = q + qs * rs.q + h * D;
+  pr.k = k + ks * rs.k + h * D;
+  pr.v = v + ks * rs.v + h * D;
+  pr.q_rs = rs.q;
+  pr.k_rs = rs.k;
+  pr.v_rs = rs.v;
   pr.nq = cq[b + 1] - qs;
   pr.nk = ck[b + 1] - ks;
   pr.lim_rows = nullptr;
@@ -103,12 +118,13 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention(
     const at::Tensor& cu_seqlens, double dropout_p, double scale,
     const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& cu_seqlens_q) {
   check_varlen(q_, k_, v_, cu_seqlens, cu_seqlens_q);
-  const auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  const auto q = rows_of_heads(q_), k = rows_of_heads(k_), v = rows_of_heads(v_);
+  const RowStrides rs{q.stride(0), k.stride(0), v.stride(0)};
   const auto cu = cu_seqlens.contiguous();
   const auto cuq = cu_seqlens_q.has_value() ? cu_seqlens_q->contiguous() : cu;
   const int64_t Tq = q.size(0), Tk = k.size(0), H = q.size(1), D = q.size(2);
   const int64_t B = cu.numel() - 1;
-  auto out = cpu::poison_if_testing(at::empty_like(q, at::MemoryFormat::Contiguous));
+  auto out = cpu::poison_if_testing(at::empty(q.sizes(), q.options()));
   auto lse = cpu::poison_if_testing(at::empty({Tq, H}, q.options().dtype(at::kFloat)));
   const Dropout dr = make_dropout(dropout_p, seed);
   const int32_t* c = cu.data_ptr<int32_t>();
@@ -123,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention(
       Scratch scratch;
       for (int64_t id = begin; id < end; ++id) {
         const int64_t b = id / H, h = id % H;
-        const auto pr = make_problem(qp, kp, vp, cq, c, b, h, H, D, Tk);
+        const auto pr = make_problem(qp, kp, vp, rs, cq, c, b, h, H, D, Tk);
         attn::forward_problem(pr, D, D, static_cast<float>(scale), dr,
                               op + cq[b] * H * D + h * D, H * D, lp + cq[b] * H + h, H,
                               scratch);
@@ -144,16 +160,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
   TORCH_CHECK(lse_.dim() == 2 && lse_.size(0) == q_.size(0) && lse_.size(1) == q_.size(1) &&
                   lse_.scalar_type() == at::kFloat,
               "varlen_attention_backward: lse must be float32 [Tq, H], got ", lse_.sizes());
-  const auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  const auto q = rows_of_heads(q_), k = rows_of_heads(k_), v = rows_of_heads(v_);
+  const RowStrides rs{q.stride(0), k.stride(0), v.stride(0)};
   const auto go = grad_out_.to(q.scalar_type()).contiguous();
   const auto o = out_.contiguous(), lse = lse_.contiguous();
   const auto cu = cu_seqlens.contiguous();
   const auto cuq = cu_seqlens_q.has_value() ? cu_seqlens_q->contiguous() : cu;
   const int64_t Tk = k.size(0), H = q.size(1), D = q.size(2), B = cu.numel() - 1;
-  // Contiguous like the kernel's inputs (the stores use their row strides).
-  auto dq = cpu::poison_if_testing(at::empty_like(q, at::MemoryFormat::Contiguous));
-  auto dk = cpu::poison_if_testing(at::empty_like(k, at::MemoryFormat::Contiguous));
-  auto dv = cpu::poison_if_testing(at::empty_like(v, at::MemoryFormat::Contiguous));
+  // Contiguous (row stride H * D), whatever the inputs' strides.
+  auto dq = cpu::poison_if_testing(at::empty(q.sizes(), q.options()));
+  auto dk = cpu::poison_if_testing(at::empty(k.sizes(), k.options()));
+  auto dv = cpu::poison_if_testing(at::empty(v.sizes(), v.options()));
   const Dropout dr = make_dropout(dropout_p, seed);
   const int32_t* c = cu.data_ptr<int32_t>();
   const int32_t* cq = cuq.data_ptr<int32_t>();
@@ -171,7 +188,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
       Scratch scratch;
       for (int64_t id = begin; id < end; ++id) {
         const int64_t b = id / H, h = id % H;
-        const auto pr = make_problem(qp, kp, vp, cq, c, b, h, H, D, Tk);
+        auto pr = make_problem(qp, kp, vp, rs, cq, c, b, h, H, D, Tk);
+        pr.dq_rs = pr.dk_rs = pr.dv_rs = H * D;  // the gradients are contiguous
         const int64_t qoff = cq[b] * H * D + h * D, koff = c[b] * H * D + h * D;
         if (pr.nq == 0) {  // keys no query sees: zero gradients, without reading k and v
           for (int64_t j = 0; j < pr.nk; ++j) {
