@@ -8,6 +8,7 @@ entries of the fast backend's step.  Timings alternate between configurations so
 shared machine hurts them alike.
 
     python benchmarks/profile_train_step.py [--backend cpp] [--steps 8] [--threads 2] [--top 15]
+        [--batch 64] [--no-profile]
 """
 import argparse
 import os
@@ -88,13 +89,16 @@ def report(title, med, configs):
 
 
 def main():
+    global BATCH
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default="cpp")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--batch", type=int, default=64)
     a = ap.parse_args()
+    BATCH = a.batch
     torch.set_num_threads(a.threads)
     configs = [(b, bf16) for bf16 in (False, True) for b in ("reference", a.backend)]
     nets = {c: make_net() for c in configs}
