@@ -232,6 +232,34 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(lambda *a: f(*a)[1], (X, *params))
 
 
+def test_cpp_fwd_bwd_op():
+    """The cpp op that returns the loss with its gradients for d loss = 1 (what ops.mlm_loss
+    runs when gradients are needed): opcheck, float64 gradcheck through its autograd (which
+    scales the saved grads), the same loss as the forward op, and the dispatch itself."""
+    require("cpp", "mlm_loss", torch.device("cpu"), torch.float32)
+    op = torch.ops.fastbert.mlm_loss_fwd_bwd.default
+    X, positions, weights, labels, params = _opcheck_args()
+    torch.library.opcheck(op, (X, positions, weights, labels, *params, 1e-5, 16))
+    fused = op(X, positions, weights, labels, *params, 1e-5, 16)
+    plain = torch.ops.fastbert.mlm_loss(X, positions, weights, labels, *params, 1e-5, 16)[0]
+    assert torch.equal(fused[0].detach(), plain.detach())
+    assert not any(g.requires_grad for g in fused[1:])
+
+    X, positions, weights, labels, params = make_inputs(2, 5, 4, 3, 11, 3, "repeat")
+    X.requires_grad_()
+    params = [p.requires_grad_() for p in params]
+    assert torch.autograd.gradcheck(
+        lambda *a: torch.ops.fastbert.mlm_loss_fwd_bwd(a[0], positions,
+                                                       weights.double(), labels, *a[1:],
+                                                       1e-5, 4)[0], (X, *params))
+    X, params = X.detach().float().requires_grad_(), [p.detach().float() for p in params]
+    with on_backend("cpp", "mlm_loss", torch.device("cpu"), torch.float32):
+        loss = ops.mlm_loss(X, positions, weights, labels, *params)
+        assert "fwd_bwd" in loss.grad_fn.name()
+        with torch.no_grad():
+            assert ops.mlm_loss(X, positions, weights, labels, *params).grad_fn is None
+
+
 def _opcheck_args(dtype=torch.float32):
     X, positions, weights, labels, params = make_inputs(3, 6, 16, 16, 40, 4, "repeat")
     X = X.to(dtype).requires_grad_()

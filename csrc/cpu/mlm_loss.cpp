@@ -5,7 +5,7 @@
 // projection and the cross-entropy run over cache-sized tiles of [slots, vocab]: `chunk`
 // vocab columns (a "piece") by kRowBlock slots.  A tile's logits come from one small GEMM
 // (oneDNN's brgemm micro-kernel, fp32 accumulation), are used while they sit in L1/L2 and
-// dropped, so the [S, V] logits never exist and nothing the size of a chunk goes to memory.
+// dropped, so the [S, V] logits never exist.
 //
 // Forward: each tile is folded into a running per-slot (max, sum of exp); the label logit is
 // a dot product per slot.  Backward: each tile's logits are recomputed and turned into
@@ -17,18 +17,17 @@
 // split is static, so results do not depend on timing (handing pieces out dynamically made
 // the sums' grouping, hence the last bits, vary from run to run).
 //
-// Why 4 GEMM passes (forward 1, backward 3) and not the 3 of computing the gradients in the
-// forward (Liger-Kernel's fused linear cross-entropy): a slot's softmax needs its lse over the
-// whole vocab first, so that scheme needs a [slot block, V] slab of logits (5 MB fp32 for 64
-// slots) and re-reads a dW2 accumulator (10 MB fp32) per slot block, both beyond L2; by our
-// estimate the pass it saves comes back as memory traffic.  Here every operand of a tile
-// sits in L2 and the GEMMs run at the micro-kernel's rate (measured ~200 GFLOP/s fp32 and
-// ~400 bf16 per core on this machine's Zen 5 cores), so the op is compute-bound.
+// With gradients needed, mlm_loss_fwd_bwd does both in one sweep, 3 GEMM passes instead of
+// 4 (Liger-Kernel's fused linear cross-entropy): per slab of kSlab slots each thread keeps
+// its vocab pieces' logits (a [256, V / 2] fp32 slab, beyond L2 but in L3), so the softmax
+// can follow the slab's lse without recomputing them, then feeds dH and dW2^T as above.
+// The forward-only path (mlm_loss) keeps the one-pass fold.
 //
 // bf16 runs the GEMMs in bf16 with fp32 accumulation (B operands in oneDNN's VNNI layout:
 // pairs of K rows interleaved); logits, softmax and lse are always fp32.  fp64 runs the same
 // tiles through at::mm (tests and gradcheck only).
 #include <ATen/Parallel.h>
+#include <omp.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
@@ -380,6 +379,111 @@ std::tuple<Tensor, Tensor, Tensor> tiled_softmax_grads(const Operands<T>& o, con
   return {dHn, dW2t.narrow(0, 0, Cp).t(), db2};
 }
 
+
+// Slots per slab of the fused forward + backward: each thread holds [kSlab, its vocab half]
+// fp32 logits (10 MB at the book's shape) between computing them and their softmax.
+// Measured in a prototype at that shape: 256 beat 64 and 128 (re-reading W and dW per slab
+// costs less with fewer, taller slabs) and tied 512.
+constexpr int64_t kSlab = 256;
+
+// The softmax part of the vocab projection's gradients and the lse, in one sweep (3 GEMM
+// passes instead of the 4 of forward + backward): for each slab of kSlab slots, each thread
+// computes the logits of its vocab pieces into its slab and folds them into partial
+// (max, sum); after a barrier every thread merges the partials into the slab's lse, then turns
+// its pieces into coef * softmax in place and feeds dH and dW2^T.  Returns (lse [S], dHn
+// [S, C'], dW2 [V, C'] (a transposed view), db2 [V]), all acc_t.
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor> fused_lse_and_grads(const Operands<T>& o,
+                                                                const Tensor& w2,
+                                                                const Tensor& coef_) {
+  using acc_t = acc_of<T>;
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const auto dt = c10::CppTypeToScalarType<T>::value;
+  const int64_t S = o.S, V = o.V, K = o.K, Cp = w2.size(1), chunk = o.chunk;
+  // fp64 tiles call at::mm, which does not belong inside an OpenMP region: one thread.
+  const int nt = std::is_same_v<T, double> ? 1 : static_cast<int>(at::get_num_threads());
+  const int64_t Sp = pad_k<T>(S), np = (V + chunk - 1) / chunk, ld_max = pad_k<T>(chunk);
+  const Tensor w2b = as_b_operand<T>(as_a_operand(w2.to(dt), K));
+  const Tensor HnT = as_a_operand(o.Hn.t(), Sp);
+  const auto opt = at::TensorOptions().dtype(acc);
+  Tensor lse = at::empty({S}, opt);
+  Tensor dH = at::zeros({nt, S, K}, opt);
+  Tensor dW2t = at::zeros({K, V}, opt);
+  Tensor db2 = at::zeros({V}, opt);
+  Tensor part_max = at::empty({nt, kSlab}, opt), part_sum = at::empty({nt, kSlab}, opt);
+  const Tensor coef = coef_.contiguous();
+  const T* Hn = o.Hn.template const_data_ptr<T>();
+  const T* w2t = o.w2t.template const_data_ptr<T>();
+  const T* w2p = w2b.template const_data_ptr<T>();
+  const T* hnt = HnT.template const_data_ptr<T>();
+  const acc_t* b2 = o.b2.template const_data_ptr<acc_t>();
+  const acc_t* cf = coef.const_data_ptr<acc_t>();
+  acc_t* lse_p = lse.data_ptr<acc_t>();
+  acc_t* pmax = part_max.data_ptr<acc_t>();
+  acc_t* psum = part_sum.data_ptr<acc_t>();
+  acc_t* dw = dW2t.data_ptr<acc_t>();
+  acc_t* db = db2.data_ptr<acc_t>();
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = nt == 1 ? 0 : omp_get_thread_num();
+    const int nth = nt == 1 ? 1 : omp_get_num_threads();
+    // A static split of the pieces: results do not depend on timing.
+    const int64_t p0 = np * t / nth, p1 = np * (t + 1) / nth;
+    std::vector<acc_t> slab(std::max<int64_t>(p1 - p0, 1) * kSlab * ld_max, acc_t(0));
+    std::vector<T> plain(kVnni<T> ? kSlab * ld_max : 0);
+    std::vector<T> vnni(kVnni<T> ? (kSlab + 1) * ld_max : 0);
+    std::vector<acc_t> my_lse(kSlab);
+    acc_t* dh = dH.data_ptr<acc_t>() + t * S * K;
+    for (int64_t s0 = 0; s0 < S; s0 += kSlab) {
+      const int64_t sb = std::min(kSlab, S - s0);
+      acc_t* run_max = pmax + t * kSlab;
+      acc_t* run_sum = psum + t * kSlab;
+      std::fill(run_max, run_max + sb, -std::numeric_limits<acc_t>::infinity());
+      std::fill(run_sum, run_sum + sb, acc_t(0));
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t v0 = p * chunk, n = std::min(chunk, V - v0), ld = pad_k<T>(n);
+        acc_t* tile = slab.data() + (p - p0) * kSlab * ld_max;
+        tile_gemm(sb, n, K, K, chunk, ld, false, Hn + s0 * K, w2t + p * K * chunk, tile);
+        for (int64_t i = 0; i < sb; ++i)
+          fold_row(tile + i * ld, b2 + v0, n, run_max[i], run_sum[i]);
+      }
+#pragma omp barrier
+      for (int64_t i = 0; i < sb; ++i) {
+        acc_t m = -std::numeric_limits<acc_t>::infinity(), sum = 0;
+        for (int u = 0; u < nth; ++u) m = std::max(m, pmax[u * kSlab + i]);
+        for (int u = 0; u < nth; ++u)
+          sum += psum[u * kSlab + i] * std::exp(pmax[u * kSlab + i] - m);
+        my_lse[i] = m + std::log(sum);
+      }
+      if (t == 0) std::copy(my_lse.begin(), my_lse.begin() + sb, lse_p + s0);
+#pragma omp barrier
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t v0 = p * chunk, n = std::min(chunk, V - v0), ld = pad_k<T>(n);
+        acc_t* tile = slab.data() + (p - p0) * kSlab * ld_max;
+        for (int64_t i = 0; i < sb; ++i) {
+          acc_t* row = tile + i * ld;
+          scaled_softmax_row(row, b2 + v0, my_lse[i], cf[s0 + i], db + v0, n);
+          if (ld > n) row[n] = 0;  // the VNNI pad column takes no part
+        }
+        const T* dl_a = nullptr;
+        const T* dl_b = nullptr;
+        if constexpr (kVnni<T>) {
+          tile_to_bf16(tile, sb, ld, plain.data(), vnni.data());
+          dl_a = plain.data();
+          dl_b = vnni.data();
+        } else {
+          dl_a = dl_b = tile;
+        }
+        tile_gemm(sb, K, ld, ld, K, K, true, dl_a, w2p + v0 * K, dh + s0 * K);
+        tile_gemm(K, n, pad_k<T>(sb), Sp, ld, V, true, hnt + s0, dl_b, dw + v0);
+      }
+    }
+    at::native::cpublas::brgemm_release(kVnni<T>);
+  }
+  Tensor dHn = dH.sum(0).narrow(1, 0, Cp);
+  return {lse, dHn, dW2t.narrow(0, 0, Cp).t(), db2};
+}
+
 at::ScalarType acc_type(const Tensor& X) {
   return X.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -407,6 +511,43 @@ void check_inputs(const Tensor& X, const Tensor& positions, const Tensor& weight
   const auto dt = X.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kDouble,
               "mlm_loss (cpp): float32, bfloat16 or float64 only, got ", dt);
+}
+
+}  // namespace
+
+namespace {
+
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// From the softmax part of the vocab projection's gradients (acc_t; coef [S, 1] the slots'
+// d loss / d CE): the -coef * onehot(y) part of dlogits, then back through LayerNorm, ReLU
+// and the first Linear, scatter-added into X (positions may repeat).  Grads in the inputs'
+// dtypes.
+Grads finish_grads(const Tensor& X, const Slots& s, const Mlp& m, const Tensor& y,
+                   const Tensor& coef, Tensor dHn, const Tensor& dw2, Tensor db2,
+                   const Tensor& w1, const Tensor& b1, const Tensor& ln_w, const Tensor& ln_b,
+                   const Tensor& w2, const Tensor& b2) {
+  const auto acc = coef.scalar_type();
+  const int64_t Cp = w1.size(0);
+  dHn.sub_(w2.index_select(0, y).to(acc) * coef);
+  Tensor dw2_acc = dw2.contiguous();
+  dw2_acc.index_add_(0, y, m.Hn.to(acc) * coef, -1);
+  db2.index_add_(0, y, coef.squeeze(1), -1);
+  auto ln_grads = at::native_layer_norm_backward(dHn.to(X.scalar_type()), m.A, {Cp}, m.mean,
+                                                 m.rstd, ln_w, ln_b, {true, true, true});
+  Tensor dZ = std::get<0>(ln_grads).masked_fill_(m.Z <= 0, 0);
+  Tensor dw1 = at::mm(dZ.t(), m.H0);
+  Tensor db1 = dZ.sum(0, false, acc).to(b1.scalar_type());
+  Tensor dX = at::zeros_like(X);
+  dX.view({-1, X.size(2)}).index_add_(0, s.tokens, at::mm(dZ, w1));
+  return {dX, dw1, db1, std::get<1>(ln_grads), std::get<2>(ln_grads),
+          dw2_acc.to(w2.scalar_type()), db2.to(b2.scalar_type())};
+}
+
+Grads zero_grads(const Tensor& X, const Tensor& w1, const Tensor& b1, const Tensor& ln_w,
+                 const Tensor& ln_b, const Tensor& w2, const Tensor& b2) {
+  return {at::zeros_like(X), at::zeros_like(w1), at::zeros_like(b1), at::zeros_like(ln_w),
+          at::zeros_like(ln_b), at::zeros_like(w2), at::zeros_like(b2)};
 }
 
 }  // namespace
@@ -458,15 +599,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlm_loss_back
   const Tensor weights = weights_.contiguous(), labels = labels_.contiguous();
   const Tensor w2 = w2_.contiguous();
   const auto acc = acc_type(X);
-  const int64_t Cp = w1.size(0);
 
-  Tensor dX = at::zeros_like(X);
   Slots s = real_slots(X, positions, weights);
   const int64_t S = s.flat.size(0);
-  if (S == 0) {
-    return {dX, at::zeros_like(w1), at::zeros_like(b1), at::zeros_like(ln_w),
-            at::zeros_like(ln_b), at::zeros_like(w2), at::zeros_like(b2)};
-  }
+  if (S == 0) return zero_grads(X, w1, b1, ln_w, ln_b, w2, b2);
   Mlp m = run_mlp(X, s, w1, b1, ln_w, ln_b, eps);
   Tensor y = labels.reshape(-1).index_select(0, s.flat);
   Tensor w = weights.reshape(-1).index_select(0, s.flat).to(acc);
@@ -484,27 +620,50 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlm_loss_back
     std::tie(dHn, dw2, db2) = tiled_softmax_grads<scalar_t>(
         pack_operands<scalar_t>(m.Hn, w2, b2, chunk), w2, lse, p_coef);
   });
-  // The -coef * onehot(y) part of dlogits, in the accumulation type.
-  dHn.sub_(w2.index_select(0, y).to(acc) * coef);
-  Tensor dw2_acc = dw2.contiguous();
-  dw2_acc.index_add_(0, y, m.Hn.to(acc) * coef, -1);
-  db2.index_add_(0, y, coef.squeeze(1), -1);
+  return finish_grads(X, s, m, y, coef, dHn, dw2, db2, w1, b1, ln_w, ln_b, w2, b2);
+}
 
-  // Back through LayerNorm, ReLU and the first Linear; scatter-add into X (positions may
-  // repeat).
-  auto ln_grads = at::native_layer_norm_backward(dHn.to(X.scalar_type()), m.A, {Cp}, m.mean,
-                                                 m.rstd, ln_w, ln_b, {true, true, true});
-  Tensor dZ = std::get<0>(ln_grads).masked_fill_(m.Z <= 0, 0);
-  Tensor dw1 = at::mm(dZ.t(), m.H0);
-  Tensor db1 = dZ.sum(0, false, acc).to(b1.scalar_type());
-  dX.view({-1, X.size(2)}).index_add_(0, s.tokens, at::mm(dZ, w1));
-  return {dX, dw1, db1, std::get<1>(ln_grads), std::get<2>(ln_grads),
-          dw2_acc.to(w2.scalar_type()), db2.to(b2.scalar_type())};
+// The loss and its gradients for d loss = 1 in one sweep over the vocab (3 GEMM passes
+// instead of the 4 of mlm_loss + mlm_loss_backward): what autograd uses when gradients are
+// needed (the glue scales them by d loss in the backward).  Returns (loss, dX, dw1, db1,
+// dln_weight, dln_bias, dw2, db2), the loss as mlm_loss's, the grads in the inputs' dtypes.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlm_loss_fwd_bwd_cpu(
+    const Tensor& X_, const Tensor& positions_, const Tensor& weights_, const Tensor& labels_,
+    const Tensor& w1, const Tensor& b1, const Tensor& ln_w, const Tensor& ln_b,
+    const Tensor& w2_, const Tensor& b2, double eps, int64_t chunk) {
+  check_inputs(X_, positions_, weights_, labels_, w1, w2_, chunk);
+  at::NoGradGuard no_grad;
+  const Tensor X = X_.contiguous(), positions = positions_.contiguous();
+  const Tensor weights = weights_.contiguous(), labels = labels_.contiguous();
+  const Tensor w2 = w2_.contiguous();
+  const auto acc = acc_type(X);
+
+  Slots s = real_slots(X, positions, weights);
+  const int64_t S = s.flat.size(0);
+  if (S == 0) {
+    return std::tuple_cat(std::make_tuple(at::zeros({}, X.options().dtype(acc))),
+                          zero_grads(X, w1, b1, ln_w, ln_b, w2, b2));
+  }
+  Mlp m = run_mlp(X, s, w1, b1, ln_w, ln_b, eps);
+  Tensor y = labels.reshape(-1).index_select(0, s.flat);
+  Tensor w = weights.reshape(-1).index_select(0, s.flat).to(acc);
+  Tensor coef = (w / w.sum()).unsqueeze(1);  // d loss / d CE_i for d loss = 1
+  Tensor lse, dHn, dw2, db2;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, compute_type(X), "mlm_loss_fwd_bwd", [&] {
+    std::tie(lse, dHn, dw2, db2) = fused_lse_and_grads<scalar_t>(
+        pack_operands<scalar_t>(m.Hn, w2, b2, chunk), w2, coef.squeeze(1));
+  });
+  Tensor label_logit = (m.Hn.to(acc) * w2.index_select(0, y).to(acc)).sum(1) +
+                       b2.index_select(0, y).to(acc);
+  Tensor loss = ((lse - label_logit) * w).sum() / w.sum();
+  return std::tuple_cat(std::make_tuple(loss), finish_grads(X, s, m, y, coef, dHn, dw2, db2,
+                                                            w1, b1, ln_w, ln_b, w2, b2));
 }
 
 TORCH_LIBRARY_IMPL(fastbert, CPU, m) {
   m.impl("mlm_loss", &mlm_loss_cpu);
   m.impl("mlm_loss_backward", &mlm_loss_backward_cpu);
+  m.impl("mlm_loss_fwd_bwd", &mlm_loss_fwd_bwd_cpu);
 }
 
 }  // namespace fastbert
