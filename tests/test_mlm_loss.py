@@ -173,17 +173,29 @@ def test_no_grad_forward(backend, dtype):
     assert_close(plain, loss64, loss_lp, atol=ATOL[dtype], name="loss")
 
 
+@pytest.mark.parametrize("two_ops", (False, True), ids=("fwd_bwd_op", "fwd_then_bwd_op"))
 @pytest.mark.parametrize("chunk", (1, 2, 7, 64, 4096))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-def test_cpp_tile_edges(dtype, chunk):
-    """The cpp kernel's tiles: one-column pieces (bf16 rounds pieces up to even), odd pieces, one
-    piece per slot block, one piece wider than the vocab; 133 slots in 64-slot blocks."""
+def test_cpp_tile_edges(dtype, chunk, two_ops):
+    """The cpp kernel's tiles: one-column pieces (bf16 rounds pieces up to even), odd
+    pieces, one piece per slot block, one piece wider than the vocab; 133 slots in 64-slot
+    blocks / one 256-slot slab.  Both training paths: the loss with its gradients in one op
+    (what ops.mlm_loss runs) and the forward op then its backward op (with d lse = 0)."""
     require("cpp", "mlm_loss", torch.device("cpu"), dtype)
     inputs = make_inputs(*CASES["slot_blocks_odd_hidden"][:6], kind="weighted", seed=3)
     loss64, grads64 = reference(inputs, torch.float64, torch.device("cpu"))
     loss_lp, grads_lp = reference(inputs, dtype, torch.device("cpu"))
-    with on_backend("cpp", "mlm_loss", torch.device("cpu"), dtype), vocab_chunk("cpp", chunk):
-        loss, grads = run(inputs, dtype, torch.device("cpu"))
+    if two_ops:
+        X, positions, weights, labels, params = inputs
+        X = X.detach().to(dtype).requires_grad_()
+        params = [p.detach().to(dtype).requires_grad_() for p in params]
+        loss = torch.ops.fastbert.mlm_loss(X, positions, weights, labels, *params, 1e-5,
+                                           chunk)[0]
+        grads = torch.autograd.grad(loss, [X] + params)
+    else:
+        with on_backend("cpp", "mlm_loss", torch.device("cpu"), dtype), \
+                vocab_chunk("cpp", chunk):
+            loss, grads = run(inputs, dtype, torch.device("cpu"))
     assert_close(loss, loss64, loss_lp, atol=ATOL[dtype], name="loss")
     for name, g, g64, g_lp in zip(GRAD_NAMES, grads, grads64, grads_lp):
         assert_close(g, g64, g_lp, name=name)
