@@ -1,0 +1,79 @@
+"""The opt-in caching CPU allocator (csrc/cpu/caching_allocator.cpp, FASTBERT_CPU_CACHE_MB):
+large blocks come back from the cache, data stays intact, the limit holds, small blocks are
+untouched, and a bad setting is a clear error.  Each case runs in a fresh interpreter: the
+allocator is process-wide."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("fastbert.backends.cpp")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = r"""
+import torch, fastbert
+stats = torch.ops.fastbert.cpu_caching_allocator_stats
+assert stats()[1] == 64 << 20, stats()           # the limit from FASTBERT_CPU_CACHE_MB
+x = torch.randn(1000, 1000)                      # 4 MB: cached on free
+ptr = x.data_ptr()
+del x
+assert stats()[0] >= 4_000_000, stats()
+y = torch.full((990, 1000), 3.0)                 # same size class: the same block again
+assert y.data_ptr() == ptr and bool((y == 3.0).all())
+h0 = stats()[2]
+for _ in range(5):                               # a train-step-like loop: all hits
+    z = torch.ones(1000, 1000) * 2
+    assert float(z.sum()) == 2e6
+    del z
+assert stats()[2] >= h0 + 5, stats()
+small = [torch.ones(10) for _ in range(100)]     # small blocks are not cached
+del small
+big = [torch.empty(5_000_000) for _ in range(5)] # 100 MB: more than the 64 MB limit
+del big
+assert stats()[0] <= 64 << 20, stats()
+# The model still trains and matches the reference with the allocator on.
+torch.manual_seed(0)
+m = fastbert.BERTModel(100, 32, [32], 32, 64, 2, 1, 0.0, max_len=16, key_size=32,
+                       query_size=32, value_size=32, hid_in_features=32,
+                       mlm_in_features=32, nsp_in_features=32)
+tok = torch.randint(0, 100, (3, 9)); seg = torch.zeros(3, 9, dtype=torch.long)
+vl = torch.tensor([9, 4, 1])
+with fastbert.use_backend("cpp"):
+    a = m(tok, seg, vl)[2]
+with fastbert.use_backend("reference"):
+    b = m(tok, seg, vl)[2]
+torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+def run(env_value):
+    env = dict(os.environ, FASTBERT_CPU_CACHE_MB=env_value, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cache_hits_keep_data_and_respect_the_limit():
+    r = run("64")
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_off_by_default():
+    env = {k: v for k, v in os.environ.items() if k != "FASTBERT_CPU_CACHE_MB"}
+    env["PYTHONPATH"] = REPO
+    r = subprocess.run([sys.executable, "-c", "import torch, fastbert; "
+                        "print(torch.ops.fastbert.cpu_caching_allocator_stats())"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "[0, 0, 0, 0, 0]", r.stderr[-2000:]
+
+
+def test_bad_setting_warns_and_keeps_the_backend():
+    env = dict(os.environ, FASTBERT_CPU_CACHE_MB="lots", PYTHONPATH=REPO)
+    r = subprocess.run([sys.executable, "-c", "import torch, fastbert; "
+                        "print(fastbert.available_backends()['cpp'], "
+                        "torch.ops.fastbert.cpu_caching_allocator_stats())"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "available [0, 0, 0, 0, 0]", r.stderr[-2000:]
+    assert "FASTBERT_CPU_CACHE_MB must be a non-negative integer" in r.stderr
