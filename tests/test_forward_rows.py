@@ -83,7 +83,8 @@ def test_forward_rows_matches_the_padded_reference(backend, layers):
     assert (got[~inside] == 0).all(), "rows at pad positions are zeros"
     assert set(got_g) == set(want[torch.float64][1])
     for name, g64 in want[torch.float64][1].items():
-        scale = g64.abs().max().item() or 1.0
+        # max(., 1e-2): a key bias gets a mathematically zero gradient (rounding noise only)
+        scale = max(g64.abs().max().item(), 1e-2)
         assert_close(got_g[name], g64, want[torch.float32][1][name], factor=4,
                      atol=1e-6 * scale, name=f"grad {name}")
 
@@ -141,7 +142,8 @@ def test_classifier_matches_the_reference(backend):
     assert_close(got[0], want64[0], want32[0], factor=4, name="logits")
     assert set(got[1]) == set(want64[1])
     for name, g64 in want64[1].items():
-        scale = g64.abs().max().item() or 1.0
+        # max(., 1e-2): a key bias gets a mathematically zero gradient (rounding noise only)
+        scale = max(g64.abs().max().item(), 1e-2)
         assert_close(got[1][name], g64, want32[1][name], factor=4, atol=1e-6 * scale,
                      name=f"grad {name}")
 
@@ -187,7 +189,8 @@ def test_bf16_autocast(backend):
     # padded GEMMs round differently); measured per tensor, the packed path's max error is
     # 0.4-1.3x the reference's, and 2.3x for one (blks.0 W_q.weight): factor 3, not 2.
     for name, g64 in want64_g.items():
-        scale = g64.abs().max().item() or 1.0
+        # max(., 1e-2): a key bias gets a mathematically zero gradient (rounding noise only)
+        scale = max(g64.abs().max().item(), 1e-2)
         assert_close(got_g[name], g64, want_lp_g[name], factor=3, atol=1e-3 * scale,
                      name=f"grad {name}")
 

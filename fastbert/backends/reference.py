@@ -167,4 +167,7 @@ OPS = {
 
 register_backend(Backend(
     "reference", dict(OPS), device_types=frozenset({"cpu", "cuda", "mps", "xpu", "meta"}),
-    dtypes=frozenset({torch.float64, torch.float32, torch.bfloat16, torch.float16})))
+    dtypes=frozenset({torch.float64, torch.float32, torch.bfloat16, torch.float16}),
+    # pack/unpack move elements unchanged: the unpadded encoder packs token ids too.
+    op_dtypes={op: frozenset({torch.float64, torch.float32, torch.bfloat16, torch.float16,
+                              torch.int32, torch.int64}) for op in ("pack", "unpack")}))
