@@ -81,13 +81,7 @@ class BERTEncoder(nn.Module):
         self.pos_embedding = nn.Parameter(torch.randn(1, max_len, num_hiddens))
 
     def embed(self, tokens, segments):
-        X = self.token_embedding(tokens) + self.segment_embedding(segments)
-        pos = self.pos_embedding[:, :X.shape[1], :]
-        # d2l 0.17 adds `pos_embedding.data`: no gradient ever reaches it.
-        X = X + (pos if self.train_pos_embedding else pos.detach())
-        if self.embedding_norm is not None:
-            X = self.embedding_dropout(self.embedding_norm(X))
-        return X
+        return self._embedding_sum(tokens, segments, self.pos_embedding[:, :tokens.shape[1], :])
 
     def embed_packed(self, tokens, segments, valid_lens):
         """The embedding of the valid tokens only: ``(X[T, C], cu_seqlens, max_len)``, equal to
@@ -97,12 +91,16 @@ class BERTEncoder(nn.Module):
         ids, cu_seqlens, max_len = ops.pack(
             torch.stack([tokens.long(), segments.long(), positions], -1), valid_lens)
         tok, seg, pos = ids.unbind(-1)
-        pos_table = self.pos_embedding[0]
-        X = self.token_embedding(tok) + self.segment_embedding(seg)
-        X = X + (pos_table if self.train_pos_embedding else pos_table.detach())[pos]
+        return self._embedding_sum(tok, seg, self.pos_embedding[0][pos]), cu_seqlens, max_len
+
+    def _embedding_sum(self, tokens, segments, pos):
+        """token + segment + positional vectors ``pos``, then the optional LayerNorm/dropout."""
+        X = self.token_embedding(tokens) + self.segment_embedding(segments)
+        # d2l 0.17 adds `pos_embedding.data`: no gradient ever reaches it.
+        X = X + (pos if self.train_pos_embedding else pos.detach())
         if self.embedding_norm is not None:
             X = self.embedding_dropout(self.embedding_norm(X))
-        return X, cu_seqlens, max_len
+        return X
 
     def uses_unpadded(self, X: torch.Tensor, valid_lens) -> bool:
         if valid_lens is not None and valid_lens.dim() != 1:
@@ -122,19 +120,8 @@ class BERTEncoder(nn.Module):
         for pretraining).  The unpadded encoder runs its last block for those rows only: their
         queries attend to every valid key, and nothing else of that block is needed.  Rows at
         pad positions are zeros, as in the unpadded ``encoded_X``."""
-        if (not isinstance(positions, torch.Tensor) or positions.dim() != 2
-                or positions.is_floating_point() or positions.dtype == torch.bool):
-            raise TypeError("positions must be an integer tensor of shape [batch, P]")
-        if positions.shape[0] != tokens.shape[0] or positions.device != tokens.device:
-            raise ValueError(f"positions {tuple(positions.shape)} on {positions.device} must "
-                             f"have one row per sequence of tokens {tuple(tokens.shape)} on "
-                             f"{tokens.device}")
-        if (not torch.compiler.is_compiling() and positions.numel()
-                and positions.device.type != "meta"):
-            lo, hi = int(positions.min()), int(positions.max())
-            if lo < 0 or hi >= tokens.shape[1]:
-                raise ValueError(f"positions must lie in [0, {tokens.shape[1] - 1}], got "
-                                 f"values in [{lo}, {hi}]")
+        ops.check_positions(positions, tokens.shape[0], tokens.shape[1], tokens.device,
+                            name="positions")
         return self._encode(tokens, segments, valid_lens, positions.long())
 
     def _encode(self, tokens, segments, valid_lens, positions):
@@ -148,9 +135,7 @@ class BERTEncoder(nn.Module):
             X = self.embed(tokens, segments)
             for blk in self.blks:
                 X = blk(X, valid_lens)
-            if positions is None:
-                return X
-            return X[torch.arange(B, device=X.device)[:, None], positions]
+            return X if positions is None else ops.gather_positions(X, positions)
         if valid_lens is None:
             valid_lens = torch.full((B,), L, dtype=torch.int32, device=tokens.device)
         # Embed and pack the valid tokens once, run every block on [T, C], unpack once: pads

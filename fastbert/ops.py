@@ -265,23 +265,29 @@ def linear(x, weight, bias=None):
     return _impl("linear", x)(x, weight, bias)
 
 
+def check_positions(positions, batch: int, length: int, device: torch.device,
+                    name: str = "pred_positions") -> None:
+    """``positions`` indexes ``[batch, length]`` sequences: an integer ``[batch, P]`` tensor on
+    ``device`` with values in ``[0, length)`` (the range check is skipped while compiling)."""
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 2 \
+            or positions.is_floating_point() or positions.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of shape [B, P]")
+    if positions.shape[0] != batch:
+        raise ValueError(f"{name} must have one row per sequence: {positions.shape[0]} rows "
+                         f"for a batch of {batch}")
+    if positions.device != device:
+        raise ValueError(f"{name} is on {positions.device} but the data is on {device}")
+    if not _compiling() and positions.numel() and positions.device.type != "meta":
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= length:
+            raise ValueError(f"{name} must lie in [0, {length - 1}], got values in [{lo}, {hi}]")
+
+
 def gather_positions(X: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """``X[b, positions[b, p]]`` as ``[B, P, C]`` (the MLM gather); positions may repeat,
     the backward scatter-adds."""
     _check_tensor("X", X, ndim=3)
-    if not isinstance(positions, torch.Tensor) or positions.dim() != 2 \
-            or positions.is_floating_point() or positions.dtype == torch.bool:
-        raise TypeError("pred_positions must be an integer tensor of shape [B, P]")
-    if positions.shape[0] != X.shape[0]:
-        raise ValueError(f"pred_positions has {positions.shape[0]} rows but X has batch "
-                         f"size {X.shape[0]}")
-    if positions.device != X.device:
-        raise ValueError(f"pred_positions is on {positions.device} but X is on {X.device}")
-    if not _compiling() and positions.numel() and positions.device.type != "meta":
-        lo, hi = int(positions.min()), int(positions.max())
-        if lo < 0 or hi >= X.shape[1]:
-            raise ValueError(f"pred_positions must lie in [0, {X.shape[1] - 1}], got values "
-                             f"in [{lo}, {hi}]")
+    check_positions(positions, X.shape[0], X.shape[1], X.device)
     return _impl("gather_positions", X)(X, positions)
 
 
