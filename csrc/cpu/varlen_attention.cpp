@@ -80,32 +80,44 @@ at::Tensor rows_of_heads(const at::Tensor& t) {
   return heads_contiguous && t.stride(0) >= t.size(1) * t.size(2) ? t : t.contiguous();
 }
 
-// Row strides of q, k, v (elements).
-struct RowStrides {
-  int64_t q, k, v;
-};
+// The inputs both passes read: q, k, v in place (rows_of_heads), the key offsets and the
+// query offsets (the key offsets for self-attention), and the (sequence, head) problems.
+struct Operands {
+  at::Tensor q, k, v, cu, cuq;
+  int64_t H, D, Tk, B;
 
-// cq: query offsets (== ck for self-attention), ck: key offsets, Tk: key rows.
-template <typename T>
-Problem<T> make_problem(const T* q, const T* k, const T* v, const RowStrides& rs,
-                        const int32_t* cq, const int32_t* ck, int64_t b, int64_t h, int64_t H,
-                        int64_t D, int64_t Tk) {
-  const int64_t qs = cq[b], ks = ck[b];
-  Problem<T> pr;
-  pr.q = q + qs * rs.q + h * D;
-  pr.k = k + ks * rs.k + h * D;
-  pr.v = v + ks * rs.v + h * D;
-  pr.q_rs = rs.q;
-  pr.k_rs = rs.k;
-  pr.v_rs = rs.v;
-  pr.nq = cq[b + 1] - qs;
-  pr.nk = ck[b + 1] - ks;
-  pr.lim_rows = nullptr;
-  pr.lim = pr.nk;
-  pr.drop_base = (static_cast<uint64_t>(qs) * H + h) * Tk + ks;
-  pr.drop_rs = static_cast<uint64_t>(H) * Tk;
-  return pr;
-}
+  Operands(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+           const at::Tensor& cu_seqlens, const std::optional<at::Tensor>& cu_seqlens_q)
+      : q(rows_of_heads(q_)), k(rows_of_heads(k_)), v(rows_of_heads(v_)),
+        cu(cu_seqlens.contiguous()),
+        cuq(cu_seqlens_q.has_value() ? cu_seqlens_q->contiguous() : cu),
+        H(q.size(1)), D(q.size(2)), Tk(k.size(0)), B(cu.numel() - 1) {}
+
+  const int32_t* query_offsets() const { return cuq.data_ptr<int32_t>(); }
+  const int32_t* key_offsets() const { return cu.data_ptr<int32_t>(); }
+
+  // Sequence b, head h: its queries, keys and values at their row strides.
+  template <typename T>
+  Problem<T> problem(int64_t b, int64_t h) const {
+    const int32_t* cq = query_offsets();
+    const int32_t* ck = key_offsets();
+    const int64_t qs = cq[b], ks = ck[b];
+    Problem<T> pr;
+    pr.q = q.data_ptr<T>() + qs * q.stride(0) + h * D;
+    pr.k = k.data_ptr<T>() + ks * k.stride(0) + h * D;
+    pr.v = v.data_ptr<T>() + ks * v.stride(0) + h * D;
+    pr.q_rs = q.stride(0);
+    pr.k_rs = k.stride(0);
+    pr.v_rs = v.stride(0);
+    pr.nq = cq[b + 1] - qs;
+    pr.nk = ck[b + 1] - ks;
+    pr.lim_rows = nullptr;
+    pr.lim = pr.nk;
+    pr.drop_base = (static_cast<uint64_t>(qs) * H + h) * Tk + ks;
+    pr.drop_rs = static_cast<uint64_t>(H) * Tk;
+    return pr;
+  }
+};
 
 // (sequence, head) tasks, grain 1: at::parallel_for splits the range into one contiguous
 // chunk per thread and only uses fewer threads when the range is under grain * threads, so
@@ -118,28 +130,20 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention(
     const at::Tensor& cu_seqlens, double dropout_p, double scale,
     const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& cu_seqlens_q) {
   check_varlen(q_, k_, v_, cu_seqlens, cu_seqlens_q);
-  const auto q = rows_of_heads(q_), k = rows_of_heads(k_), v = rows_of_heads(v_);
-  const RowStrides rs{q.stride(0), k.stride(0), v.stride(0)};
-  const auto cu = cu_seqlens.contiguous();
-  const auto cuq = cu_seqlens_q.has_value() ? cu_seqlens_q->contiguous() : cu;
-  const int64_t Tq = q.size(0), Tk = k.size(0), H = q.size(1), D = q.size(2);
-  const int64_t B = cu.numel() - 1;
-  auto out = cpu::poison_if_testing(at::empty(q.sizes(), q.options()));
-  auto lse = cpu::poison_if_testing(at::empty({Tq, H}, q.options().dtype(at::kFloat)));
+  const Operands in(q_, k_, v_, cu_seqlens, cu_seqlens_q);
+  const int64_t H = in.H, D = in.D;
+  auto out = cpu::poison_if_testing(at::empty(in.q.sizes(), in.q.options()));
+  auto lse = cpu::poison_if_testing(at::empty({in.q.size(0), H}, in.q.options().dtype(at::kFloat)));
   const Dropout dr = make_dropout(dropout_p, seed);
-  const int32_t* c = cu.data_ptr<int32_t>();
-  const int32_t* cq = cuq.data_ptr<int32_t>();
-  FASTBERT_DISPATCH_FLOAT_BF16(q.scalar_type(), "varlen_attention", [&] {
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* kp = k.data_ptr<scalar_t>();
-    const scalar_t* vp = v.data_ptr<scalar_t>();
+  const int32_t* cq = in.query_offsets();
+  FASTBERT_DISPATCH_FLOAT_BF16(in.q.scalar_type(), "varlen_attention", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
     float* lp = lse.data_ptr<float>();
-    at::parallel_for(0, B * H, kTaskGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, in.B * H, kTaskGrain, [&](int64_t begin, int64_t end) {
       Scratch scratch;
       for (int64_t id = begin; id < end; ++id) {
         const int64_t b = id / H, h = id % H;
-        const auto pr = make_problem(qp, kp, vp, rs, cq, c, b, h, H, D, Tk);
+        const auto pr = in.problem<scalar_t>(b, h);
         attn::forward_problem(pr, D, D, static_cast<float>(scale), dr,
                               op + cq[b] * H * D + h * D, H * D, lp + cq[b] * H + h, H,
                               scratch);
@@ -160,35 +164,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
   TORCH_CHECK(lse_.dim() == 2 && lse_.size(0) == q_.size(0) && lse_.size(1) == q_.size(1) &&
                   lse_.scalar_type() == at::kFloat,
               "varlen_attention_backward: lse must be float32 [Tq, H], got ", lse_.sizes());
-  const auto q = rows_of_heads(q_), k = rows_of_heads(k_), v = rows_of_heads(v_);
-  const RowStrides rs{q.stride(0), k.stride(0), v.stride(0)};
-  const auto go = grad_out_.to(q.scalar_type()).contiguous();
+  const Operands in(q_, k_, v_, cu_seqlens, cu_seqlens_q);
+  const int64_t H = in.H, D = in.D;
+  const auto go = grad_out_.to(in.q.scalar_type()).contiguous();
   const auto o = out_.contiguous(), lse = lse_.contiguous();
-  const auto cu = cu_seqlens.contiguous();
-  const auto cuq = cu_seqlens_q.has_value() ? cu_seqlens_q->contiguous() : cu;
-  const int64_t Tk = k.size(0), H = q.size(1), D = q.size(2), B = cu.numel() - 1;
   // Contiguous (row stride H * D), whatever the inputs' strides.
-  auto dq = cpu::poison_if_testing(at::empty(q.sizes(), q.options()));
-  auto dk = cpu::poison_if_testing(at::empty(k.sizes(), k.options()));
-  auto dv = cpu::poison_if_testing(at::empty(v.sizes(), v.options()));
+  auto dq = cpu::poison_if_testing(at::empty(in.q.sizes(), in.q.options()));
+  auto dk = cpu::poison_if_testing(at::empty(in.k.sizes(), in.k.options()));
+  auto dv = cpu::poison_if_testing(at::empty(in.v.sizes(), in.v.options()));
   const Dropout dr = make_dropout(dropout_p, seed);
-  const int32_t* c = cu.data_ptr<int32_t>();
-  const int32_t* cq = cuq.data_ptr<int32_t>();
-  FASTBERT_DISPATCH_FLOAT_BF16(q.scalar_type(), "varlen_attention_backward", [&] {
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* kp = k.data_ptr<scalar_t>();
-    const scalar_t* vp = v.data_ptr<scalar_t>();
+  const int32_t* c = in.key_offsets();
+  const int32_t* cq = in.query_offsets();
+  FASTBERT_DISPATCH_FLOAT_BF16(in.q.scalar_type(), "varlen_attention_backward", [&] {
     const scalar_t* gop = go.data_ptr<scalar_t>();
     const scalar_t* opp = o.data_ptr<scalar_t>();
     const float* lp = lse.data_ptr<float>();
     scalar_t* dqp = dq.data_ptr<scalar_t>();
     scalar_t* dkp = dk.data_ptr<scalar_t>();
     scalar_t* dvp = dv.data_ptr<scalar_t>();
-    at::parallel_for(0, B * H, kTaskGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, in.B * H, kTaskGrain, [&](int64_t begin, int64_t end) {
       Scratch scratch;
       for (int64_t id = begin; id < end; ++id) {
         const int64_t b = id / H, h = id % H;
-        auto pr = make_problem(qp, kp, vp, rs, cq, c, b, h, H, D, Tk);
+        auto pr = in.problem<scalar_t>(b, h);
         pr.dq_rs = pr.dk_rs = pr.dv_rs = H * D;  // the gradients are contiguous
         const int64_t qoff = cq[b] * H * D + h * D, koff = c[b] * H * D + h * D;
         if (pr.nq == 0) {  // keys no query sees: zero gradients, without reading k and v
