@@ -23,7 +23,8 @@ TORCH_LIBRARY(fastbert, m) {
 
   // add_layernorm: layer_norm(dropout(y) + x) over the last axis.  mean and rstd (per row,
   // fp32; fp64 for fp64 input) are all the backward keeps; it regenerates the dropout mask
-  // from seed (a 0-d int64 CPU tensor, None when dropout_p == 0).
+  // from seed (a 0-d int64 CPU tensor, None when dropout_p == 0).  With dropout_p == 0 the
+  // backward returns grad_y as an empty (0,) tensor: it equals grad_x, which the caller reuses.
   m.def("add_layernorm(Tensor x, Tensor y, Tensor? weight, Tensor? bias, float eps, "
         "float dropout_p, Tensor? seed) -> (Tensor out, Tensor mean, Tensor rstd)");
   m.def("add_layernorm_backward(Tensor grad_out, Tensor x, Tensor y, Tensor? weight, "

@@ -13,8 +13,10 @@ from fastbert import ops
 
 from op_testing import FAST_BACKENDS, assert_close, device_for, dtypes_for, on_backend
 
-# x shapes [..., C]: length 1, odd, non-power-of-two, the book's 128 hidden and BERT-small's 256.
-SHAPES = [(1, 1), (3, 7), (2, 5, 33), (2, 3, 128), (5, 256)]
+# x shapes [..., C]: length 1, odd, non-power-of-two, the book's 128 hidden, BERT-small's 256
+# and BERT-base's 768.  For the CPU kernel's 16-lane sweeps unrolled by 4: C = 7 is one partial
+# vector, 33 two whole and a partial, 117 an unrolled group, 3 whole and a partial.
+SHAPES = [(1, 1), (3, 7), (2, 5, 33), (2, 117), (2, 3, 128), (5, 256), (3, 768)]
 BACKEND_DTYPES = [pytest.param(b, d, id=f"{b}-{str(d)[6:]}") for b in FAST_BACKENDS for d in dtypes_for(b)]
 EPS = 1e-5
 
@@ -131,6 +133,22 @@ def test_cpp_mixed_dtype_weight():
     assert (out.double() - ref).abs().max() < 0.05
 
 
+def test_backward_without_dropout_leaves_grad_y_to_grad_x():
+    """The op contract: with dropout_p == 0 grad_y equals grad_x, so the kernel returns an
+    empty tensor for it and the autograd glue hands grad_x to both inputs."""
+    pytest.importorskip("fastbert.backends.cpp")
+    x, y, g = torch.randn(4, 33), torch.randn(4, 33), torch.randn(4, 33)
+    w = torch.randn(33)
+    _, mean, rstd = torch.ops.fastbert.add_layernorm(x, y, w, None, EPS, 0.0, None)
+    dx, dy, dw, db = torch.ops.fastbert.add_layernorm_backward(g, x, y, w, mean, rstd, 0.0, None)
+    assert dy.shape == (0,) and dx.shape == x.shape
+    xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
+    with on_backend("cpp", "add_layernorm", x.device, x.dtype):
+        gx, gy = torch.autograd.grad(ops.add_layernorm(xg, yg, w, None, EPS), (xg, yg), g)
+    torch.testing.assert_close(gx, dx, rtol=0, atol=0)
+    torch.testing.assert_close(gy, dx, rtol=0, atol=0)
+
+
 def test_opcheck():
     pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
     fb = torch.ops.fastbert
@@ -147,6 +165,10 @@ def test_opcheck():
         torch.library.opcheck(fb.add_layernorm_backward.default,
                               (torch.randn_like(x), x.detach(), y.detach(), w.detach(), mean.detach(),
                                rstd.detach(), 0.25, seed))
+        _, mean, rstd = fb.add_layernorm(x, y, w, b, EPS, 0.0, None)
+        torch.library.opcheck(fb.add_layernorm_backward.default,  # grad_y left out: empty
+                              (torch.randn_like(x), x.detach(), y.detach(), w.detach(), mean.detach(),
+                               rstd.detach(), 0.0, None))
     torch.library.opcheck(fb.dropout_mask.default, (seed, [3, 5], 0.5))
 
 

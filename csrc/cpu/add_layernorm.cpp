@@ -32,52 +32,117 @@ struct Dropout {
   double scale;  // 1 / (1 - p)
 };
 
-// z[c] = x[c] + dropout(y)[c] for row `r` of width C (accumulation type).  With dropout,
-// keep_scale (if not null) receives each element's factor, 1/(1-p) or 0, for the backward.
-template <typename scalar_t, typename acc_t>
-inline void sum_row(const scalar_t* x, const scalar_t* y, int64_t r, int64_t C, const Dropout& d,
-                    acc_t* z, acc_t* tmp, acc_t* keep_scale = nullptr) {
-  using Vec = Vectorized<acc_t>;
-  at::vec::convert(x, z, C);
-  at::vec::convert(y, tmp, C);
-  if (d.on) {
-    const uint64_t base = static_cast<uint64_t>(r) * static_cast<uint64_t>(C);
-    const acc_t scale = static_cast<acc_t>(d.scale);
-    for (int64_t c = 0; c < C; ++c) {
-      const bool keep = dropout_keep(d.seed, base + c, d.p);
-      tmp[c] = keep ? tmp[c] * scale : acc_t(0);
-      if (keep_scale != nullptr) keep_scale[c] = keep ? scale : acc_t(0);
+// Loads and stores of one vector of accumulation type (fp32 for bf16) from a row of T,
+// `n` <= Vec::size() lanes (a partial vector zero-fills the rest): every pass below is a
+// single vectorized sweep, tails included.
+template <typename T>
+struct RowIO {  // float, double
+  using Vec = Vectorized<T>;
+  static Vec load(const T* p, int64_t n) { return Vec::loadu(p, n); }
+  static void store(T* p, const Vec& v, int64_t n) { v.store(p, n); }
+};
+template <>
+struct RowIO<at::BFloat16> {
+  using Vec = Vectorized<float>;
+  static Vec load(const at::BFloat16* p, int64_t n) {
+    if (n == Vec::size()) {
+      Vec v;
+      at::vec::load_to_float(p, v);
+      return v;
     }
+    return std::get<0>(at::vec::convert_to_float<at::BFloat16>(Vectorized<at::BFloat16>::loadu(p, n)));
   }
-  at::vec::map2([](Vec a, Vec b) { return b + a; }, z, z, tmp, C);
+  static void store(at::BFloat16* p, const Vec& v, int64_t n) {
+    at::vec::convert_from_float<at::BFloat16>(v, v).store(p, n);  // round to nearest even
+  }
+};
+
+// keep_scale[c] = 1/(1-p) if element (r, c) survives dropout, else 0 (the counter RNG is
+// per element; the vector sweeps then multiply by it).
+template <typename acc_t>
+inline void fill_keep_scale(acc_t* keep_scale, int64_t r, int64_t C, const Dropout& d) {
+  const uint64_t base = static_cast<uint64_t>(r) * static_cast<uint64_t>(C);
+  const acc_t scale = static_cast<acc_t>(d.scale);
+  for (int64_t c = 0; c < C; ++c) keep_scale[c] = dropout_keep(d.seed, base + c, d.p) ? scale : acc_t(0);
 }
 
+// z = x + dropout(y) for lanes [c, c + n) of a row.
+template <typename IO, typename scalar_t, typename acc_t>
+inline auto residual(const scalar_t* x, const scalar_t* y, const acc_t* keep_scale, int64_t c,
+                     int64_t n) {
+  auto yv = IO::load(y + c, n);
+  if (keep_scale != nullptr) yv = yv * IO::Vec::loadu(keep_scale + c, n);
+  return IO::load(x + c, n) + yv;
+}
+
+// Visits a row of C lanes one vector at a time: body(c, n, u) with c the first lane, n the
+// lanes in this vector (W except at the tail) and u in [0, kUnroll): the caller keeps kUnroll
+// independent accumulators indexed by u, so the row's sums are not one long add-latency chain.
+constexpr int kUnroll = 4;
+template <int64_t W, typename Body>
+inline void sweep(int64_t C, Body&& body) {
+  int64_t c = 0;
+  for (; c + kUnroll * W <= C; c += kUnroll * W) {
+#pragma GCC unroll 4
+    for (int u = 0; u < kUnroll; ++u) body(c + u * W, W, u);
+  }
+  for (int u = 0; c < C; c += W, ++u) body(c, std::min(W, C - c), u);
+}
+
+template <typename Vec>
+inline typename Vec::value_type reduce_sum(const Vec (&acc)[kUnroll]) {
+  const Vec total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  return at::vec::vec_reduce_all<typename Vec::value_type>([](Vec a, Vec b) { return a + b; }, total);
+}
+
+// Three sweeps per row (sum, centred sum of squares, normalize + affine); z stays in an
+// L1-sized row buffer between them.
 template <typename scalar_t>
 void forward_rows(const scalar_t* X, const scalar_t* Yin, const at::opmath_type<scalar_t>* w,
                   const at::opmath_type<scalar_t>* b, scalar_t* out, at::opmath_type<scalar_t>* mean,
                   at::opmath_type<scalar_t>* rstd, int64_t rows, int64_t C, double eps,
                   const Dropout& d) {
   using acc_t = at::opmath_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
+  using IO = RowIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t W = Vec::size();
   at::parallel_for(0, rows, row_grain(3 * C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> z(C), tmp(C);
+    std::vector<acc_t> zbuf(C), keep(d.on ? C : 0);
+    acc_t* z = zbuf.data();
+    acc_t* ks = d.on ? keep.data() : nullptr;
     for (int64_t r = begin; r < end; ++r) {
-      sum_row(X + r * C, Yin + r * C, r, C, d, z.data(), tmp.data());
-      const acc_t mu = at::vec::reduce_all<acc_t>([](Vec a, Vec c) { return a + c; }, z.data(), C) / C;
-      const acc_t var = at::vec::map_reduce_all<acc_t>(
-                            [mu](Vec v) { return (v - Vec(mu)) * (v - Vec(mu)); },
-                            [](Vec a, Vec c) { return a + c; }, z.data(), C) / C;
+      const scalar_t* xr = X + r * C;
+      const scalar_t* yr = Yin + r * C;
+      if (d.on) fill_keep_scale(ks, r, C, d);
+      Vec sum[kUnroll] = {Vec(0), Vec(0), Vec(0), Vec(0)};
+      sweep<W>(C, [&](int64_t c, int64_t n, int u) {
+        const Vec zv = residual<IO>(xr, yr, ks, c, n);
+        zv.store(z + c, n);
+        sum[u] = sum[u] + zv;  // lanes past n are zero
+      });
+      const acc_t mu = reduce_sum(sum) / C;
+      Vec sq[kUnroll] = {Vec(0), Vec(0), Vec(0), Vec(0)};
+      sweep<W>(C, [&](int64_t c, int64_t n, int u) {
+        Vec dev = Vec::loadu(z + c, n) - Vec(mu);
+        if (n < W) dev = Vec::set(Vec(0), dev, n);
+        sq[u] = at::vec::fmadd(dev, dev, sq[u]);
+      });
+      const acc_t var = reduce_sum(sq) / C;
       const acc_t rs = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
       mean[r] = mu;
       rstd[r] = rs;
-      at::vec::map([mu, rs](Vec v) { return (v - Vec(mu)) * Vec(rs); }, z.data(), z.data(), C);
-      if (w != nullptr) at::vec::map2([](Vec v, Vec g) { return v * g; }, z.data(), z.data(), w, C);
-      if (b != nullptr) at::vec::map2([](Vec v, Vec s) { return v + s; }, z.data(), z.data(), b, C);
-      at::vec::convert(z.data(), out + r * C, C);
+      sweep<W>(C, [&](int64_t c, int64_t n, int) {
+        Vec o = (Vec::loadu(z + c, n) - Vec(mu)) * Vec(rs);
+        if (w != nullptr) o = o * Vec::loadu(w + c, n);
+        if (b != nullptr) o = o + Vec::loadu(b + c, n);
+        IO::store(out + r * C + c, o, n);
+      });
     }
   });
 }
 
+// Two sweeps per row: (1) xhat, g = dout * w, the dweight/dbias partials and the two row
+// means; (2) dz.  dY is written only with dropout (without, it equals dX; dY == nullptr).
 template <typename scalar_t>
 void backward_rows(const scalar_t* dOut, const scalar_t* X, const scalar_t* Yin,
                    const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* mean,
@@ -85,11 +150,15 @@ void backward_rows(const scalar_t* dOut, const scalar_t* X, const scalar_t* Yin,
                    at::opmath_type<scalar_t>* dw_partial, at::opmath_type<scalar_t>* db_partial,
                    int64_t rows, int64_t C, int64_t rows_per_chunk, const Dropout& d) {
   using acc_t = at::opmath_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
-  const auto add = [](Vec a, Vec c) { return a + c; };
+  using IO = RowIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t W = Vec::size();
   const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
   at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
-    std::vector<acc_t> xhat(C), tmp(C), g(C), dz(C), keep_scale(d.on ? C : 0);
+    std::vector<acc_t> xhat_buf(C), g_buf(C), keep(d.on ? C : 0);
+    acc_t* xhat = xhat_buf.data();
+    acc_t* g = g_buf.data();
+    acc_t* ks = d.on ? keep.data() : nullptr;
     for (int64_t chunk = cbegin; chunk < cend; ++chunk) {
       acc_t* dw = dw_partial + chunk * C;
       acc_t* db = db_partial + chunk * C;
@@ -97,24 +166,33 @@ void backward_rows(const scalar_t* dOut, const scalar_t* X, const scalar_t* Yin,
       std::fill(db, db + C, acc_t(0));
       const int64_t rend = std::min(rows, (chunk + 1) * rows_per_chunk);
       for (int64_t r = chunk * rows_per_chunk; r < rend; ++r) {
-        sum_row(X + r * C, Yin + r * C, r, C, d, xhat.data(), tmp.data(), keep_scale.data());
-        const acc_t mu = mean[r], rs = rstd[r];
-        at::vec::map([mu, rs](Vec v) { return (v - Vec(mu)) * Vec(rs); }, xhat.data(), xhat.data(), C);
-        at::vec::convert(dOut + r * C, g.data(), C);  // g = dout (then dout * weight)
-        at::vec::map2([](Vec a, Vec go) { return a + go; }, db, db, g.data(), C);
-        at::vec::map3([](Vec a, Vec go, Vec xh) { return a + go * xh; }, dw, dw, g.data(), xhat.data(), C);
-        if (w != nullptr) at::vec::map2([](Vec go, Vec wt) { return go * wt; }, g.data(), g.data(), w, C);
-        const acc_t mean_g = at::vec::reduce_all<acc_t>(add, g.data(), C) / C;
-        const acc_t mean_gx = at::vec::map2_reduce_all<acc_t>(
-                                  [](Vec a, Vec c) { return a * c; }, add, g.data(), xhat.data(), C) / C;
+        const scalar_t* xr = X + r * C;
+        const scalar_t* yr = Yin + r * C;
+        const scalar_t* gr = dOut + r * C;
+        if (d.on) fill_keep_scale(ks, r, C, d);
+        const Vec mu(mean[r]), rs(rstd[r]);
+        Vec sum_g[kUnroll] = {Vec(0), Vec(0), Vec(0), Vec(0)};
+        Vec sum_gx[kUnroll] = {Vec(0), Vec(0), Vec(0), Vec(0)};
+        sweep<W>(C, [&](int64_t c, int64_t n, int u) {
+          const Vec xh = (residual<IO>(xr, yr, ks, c, n) - mu) * rs;
+          Vec gv = IO::load(gr + c, n);  // zero past n, so no lane past n contributes
+          (Vec::loadu(db + c, n) + gv).store(db + c, n);
+          at::vec::fmadd(gv, xh, Vec::loadu(dw + c, n)).store(dw + c, n);
+          if (w != nullptr) gv = gv * Vec::loadu(w + c, n);
+          sum_g[u] = sum_g[u] + gv;
+          sum_gx[u] = at::vec::fmadd(gv, xh, sum_gx[u]);
+          xh.store(xhat + c, n);
+          gv.store(g + c, n);
+        });
+        const Vec mean_g(reduce_sum(sum_g) / C);
+        const Vec mean_gx(reduce_sum(sum_gx) / C);
         // dz = rstd * (g - mean(g) - xhat * mean(g * xhat))
-        at::vec::map2([mean_g, mean_gx, rs](Vec gv, Vec xh) {
-          return Vec(rs) * (gv - Vec(mean_g) - xh * Vec(mean_gx));
-        }, dz.data(), g.data(), xhat.data(), C);
-        at::vec::convert(dz.data(), dX + r * C, C);
-        if (d.on)  // dy = dz * keep / (1 - p), the same mask as the forward
-          at::vec::map2([](Vec a, Vec k) { return a * k; }, dz.data(), dz.data(), keep_scale.data(), C);
-        at::vec::convert(dz.data(), dY + r * C, C);
+        sweep<W>(C, [&](int64_t c, int64_t n, int) {
+          const Vec dz = rs * (Vec::loadu(g + c, n) - mean_g - Vec::loadu(xhat + c, n) * mean_gx);
+          IO::store(dX + r * C + c, dz, n);
+          if (dY != nullptr)  // dy = dz * keep / (1 - p), the same mask as the forward
+            IO::store(dY + r * C + c, dz * Vec::loadu(ks + c, n), n);
+        });
       }
     }
   });
@@ -192,7 +270,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layernorm_backwar
   const at::Tensor dout = grad_out.contiguous(), xc = x.contiguous(), yc = y.contiguous();
   const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
   at::Tensor dx = poison_if_testing(at::empty_like(xc));
-  at::Tensor dy = poison_if_testing(at::empty_like(xc));
+  // Without dropout grad_y equals grad_x: an empty tensor stands in for it (the glue reuses
+  // grad_x), which saves writing a tensor the size of x.
+  at::Tensor dy = d.on ? poison_if_testing(at::empty_like(xc)) : at::empty({0}, xc.options());
   // Fixed-size chunks (independent of the thread count) keep dweight/dbias deterministic.
   const int64_t rows_per_chunk = std::max<int64_t>(16, (rows + 255) / 256);
   const int64_t chunks = std::max<int64_t>(1, (rows + rows_per_chunk - 1) / rows_per_chunk);
@@ -203,7 +283,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layernorm_backwar
       using acc_t = at::opmath_type<scalar_t>;
       backward_rows<scalar_t>(dout.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), yc.data_ptr<scalar_t>(),
                               w ? w->data_ptr<acc_t>() : nullptr, mc.data_ptr<acc_t>(),
-                              rc.data_ptr<acc_t>(), dx.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(),
+                              rc.data_ptr<acc_t>(), dx.data_ptr<scalar_t>(),
+                              d.on ? dy.data_ptr<scalar_t>() : nullptr,
                               dw_partial.data_ptr<acc_t>(), db_partial.data_ptr<acc_t>(), rows, C,
                               rows_per_chunk, d);
     });

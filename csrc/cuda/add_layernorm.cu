@@ -86,6 +86,7 @@ __global__ void backward_kernel(const T* __restrict__ dout, const T* __restrict_
       const float g = w != nullptr ? go * w[c] : go;
       const float dz = rs * (g - mean_g - xhat * mean_gx);
       dx[base + c] = from_float<T>(dz);
+      if (dy == nullptr) continue;  // no dropout: grad_y equals grad_x and is not written
       const bool keep = d.p == 0.0f || fastbert::dropout_keep(d.seed, static_cast<uint64_t>(base + c), d.p);
       dy[base + c] = from_float<T>(keep ? dz * d.scale : 0.0f);
     }

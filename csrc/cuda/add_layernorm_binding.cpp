@@ -66,12 +66,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layernorm_backwar
   const auto w = affine_param(weight, x, op, "weight");
   const at::Tensor dout = grad_out.contiguous(), xc = x.contiguous(), yc = y.contiguous();
   const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
-  at::Tensor dx = at::empty_like(xc), dy = at::empty_like(xc);
+  at::Tensor dx = at::empty_like(xc);
+  // Without dropout grad_y equals grad_x: an empty tensor stands in for it (the kernel skips it).
+  at::Tensor dy = dropout_p > 0.0 ? at::empty_like(xc) : at::empty({0}, xc.options());
   const int64_t chunks = add_layernorm_backward_chunks(rows);
   at::Tensor partials = at::empty({2 * chunks, C}, x.options().dtype(at::kFloat));
   at::Tensor dwb = at::empty({2, C}, x.options().dtype(at::kFloat));
   check_launch(add_layernorm_backward(dt, dout.data_ptr(), xc.data_ptr(), yc.data_ptr(), ptr(w),
-                                      mc.data_ptr<float>(), rc.data_ptr<float>(), dx.data_ptr(), dy.data_ptr(),
+                                      mc.data_ptr<float>(), rc.data_ptr<float>(), dx.data_ptr(), dropout_p > 0.0 ? dy.data_ptr() : nullptr,
                                       dwb[0].data_ptr<float>(), dwb[1].data_ptr<float>(), partials.data_ptr<float>(),
                                       rows, C, static_cast<float>(dropout_p), s, current_stream()),
                op);

@@ -1,6 +1,10 @@
 """cpp glue for ``add_layernorm`` (``layer_norm(dropout(y) + x)``, d2l's AddNorm): fake
 kernels, autograd, the backend function.
 
+Without dropout, ``add_layernorm_backward`` returns an empty tensor for ``grad_y`` (it equals
+``grad_x``, as in d2l's ``dropout(Y) + X``, whose add hands one gradient to both): the glue
+passes ``grad_x`` for both, and the kernel saves writing a tensor the size of ``x``.
+
 Kernels: csrc/cpu/add_layernorm.cpp (CUDA: csrc/cuda/add_layernorm.cu).  Reference:
 :func:`fastbert.backends.reference.add_layernorm`.  The forward returns per-row mean and rstd
 (fp32; fp64 for fp64 input) beside the output; the backward recomputes ``x + dropout(y)``
@@ -32,7 +36,8 @@ def _add_layernorm_fake(x, y, weight, bias, eps, dropout_p, seed):
 def _add_layernorm_backward_fake(grad_out, x, y, weight, mean, rstd, dropout_p, seed):
     param_dtype = weight.dtype if weight is not None else x.dtype
     C = x.shape[-1]
-    return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((C,), dtype=param_dtype),
+    grad_y = x.new_empty(x.shape) if dropout_p > 0 else x.new_empty((0,))
+    return (x.new_empty(x.shape), grad_y, x.new_empty((C,), dtype=param_dtype),
             x.new_empty((C,), dtype=param_dtype))
 
 
@@ -53,6 +58,8 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     x, y, weight, mean, rstd, seed = ctx.saved_tensors
     dx, dy, dweight, dbias = _ops.add_layernorm_backward(grad_out, x, y, weight, mean, rstd,
                                                          ctx.dropout_p, seed)
+    if ctx.dropout_p == 0:  # the kernel leaves grad_y out: without dropout it equals grad_x
+        dy = dx
     if weight is None:
         dweight = None
     if ctx.bias_dtype is None:
