@@ -2,9 +2,10 @@
 // (erf), nn.Linear weight layouts w1 [F, C], w2 [C2, F].
 // Reference: fastbert/backends/reference.py ffn.
 //
-// GEMMs run on oneDNN through torch's mkldnn::_linear_pointwise op, bias and relu fused in
-// its epilogue (csrc/cpu/onednn_gemm.h): on this class of CPU it is 2-3x faster than
-// at::addmm (MKL) in fp32.  When oneDNN is unavailable, at::addmm does the same work.
+// GEMMs run on oneDNN (csrc/cpu/onednn_gemm.h): the forward through torch's
+// mkldnn::_linear_pointwise op, bias and relu fused in its epilogue (on this class of CPU
+// 2-3x at::addmm, MKL, in fp32); the backward through oneDNN's matmul on the weights and
+// transposed activations as they are (no copies).  Without oneDNN, at::addmm / at::mm.
 //
 // The forward saves one activation-sized tensor: relu -> the post-activation h (its sign
 // is the relu mask); gelu -> the pre-activation (h and gelu' are recomputed elementwise).
@@ -124,10 +125,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_backw
   TORCH_CHECK(saved.dim() == 2 && saved.size(0) == M && saved.size(1) == F,
               "ffn_backward: saved activation must be [M, F]");
   // dh = dy @ w2 ; dpre = dh * act'(pre)
-  auto dh = linear(dy, w2.t().contiguous(), std::nullopt, "none").contiguous();
+  auto dh = onednn::matmul(dy, w2).contiguous();
   at::Tensor h = saved;
   if (relu) {
-    dh = at::threshold_backward(dh, saved, 0);  // torch's vectorized relu backward
+    // torch's vectorized relu backward, in place: dh is this function's own fresh tensor
+    at::threshold_backward_out(dh, dh, saved, 0);
   } else if (saved.scalar_type() == at::kBFloat16) {  // torch's bf16 gelu kernels: faster
     dh = at::gelu_backward(dh, saved);
     h = at::gelu(saved);
@@ -139,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_backw
     });
   }
   auto dw2 = weight_grad(dy, h);
-  auto dx = linear(dh, w1.t().contiguous(), std::nullopt, "none");
+  auto dx = onednn::matmul(dh, w1);
   auto dw1 = weight_grad(dh, x2);
   // Bias gradients (always returned; the glue drops them for a None bias): column sums
   // with fp32 accumulation.

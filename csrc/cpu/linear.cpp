@@ -4,8 +4,8 @@
 // Every GEMM runs on oneDNN (csrc/cpu/onednn_gemm.h: torch's mkldnn::_linear_pointwise,
 // 2-3x MKL's at::addmm / at::mm in fp32 on this class of CPU), bias fused in the forward's
 // epilogue.
-// Backward: dx = dy @ w (oneDNN on the transposed view of w), dw = dy^T x (below), db =
-// column sums of dy.
+// Backward: dx = dy @ w, dw = dy^T x (onednn_gemm.h, 256-row chunks in fp32), db = column
+// sums of dy.
 #include <torch/library.h>
 
 #include "cpu/onednn_gemm.h"
@@ -40,23 +40,6 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at
   return b.has_value() && b->defined() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
 }
 
-// dw = dy^T x, a reduction over the M rows.  fp32: oneDNN on transposed views, in chunks of
-// kRowChunk rows summed afterwards: one oneDNN call over all M rows (~1700 in a bert.small
-// step) errs 2-4x as much as MKL's at::mm (it accumulates the rows in one long chain);
-// chunks of 256 rows bring it to ~1x at the same speed.  bf16 / fp64: at::mm.
-at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x) {
-  constexpr int64_t kRowChunk = 256;
-  const int64_t M = dy.size(0);
-  if (dy.scalar_type() != at::kFloat || M <= kRowChunk) return onednn::weight_grad(dy, x);
-  at::Tensor dw;
-  for (int64_t r = 0; r < M; r += kRowChunk) {
-    const int64_t n = std::min(kRowChunk, M - r);
-    auto part = onednn::weight_grad(dy.narrow(0, r, n), x.narrow(0, r, n));
-    if (dw.defined()) dw.add_(part); else dw = part.contiguous();
-  }
-  return dw;
-}
-
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
   check_linear(x, w, b);
   const auto x2 = x.reshape({-1, x.size(-1)});
@@ -85,8 +68,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
     dx = at::zeros({M, K}, x.options());
     dw = at::zeros({N, K}, x.options());
   } else {
-    dx = gemm(dy, w.t(), std::nullopt);  // w^T as a view: measured ~5% faster than a copy
-    dw = weight_grad(dy, x2);
+    // fp32: oneDNN matmul on w as it is; bf16: w^T as a view (~5% faster than a copy)
+    dx = x.scalar_type() == at::kFloat ? onednn::matmul(dy, w) : gemm(dy, w.t(), std::nullopt);
+    dw = onednn::weight_grad(dy, x2);
   }
   auto db = dy.sum(0);  // torch's reduction accumulates bf16 in fp32
   return {dx.view(x.sizes()), dw.contiguous(), db};
