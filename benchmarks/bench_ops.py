@@ -12,13 +12,15 @@ Rows per (op, mode, shape, dtype):
                  would fall back to the reference for the op is skipped with the reason.
   ``compile``    ``torch.compile`` of the front door on the reference backend.
 Modes: ``fwd`` (under no_grad, as inference runs), ``bwd`` (``autograd.grad`` on a retained
-graph: the backward alone), ``fwd+bwd`` (a training step's share).  Dropout is 0 here (the
-end-to-end train step runs with the book's 0.2).
+graph: the backward alone), ``fwd+bwd`` (a training step's share).  Dropout is 0 here except in
+``add_layernorm_dropout`` (the end-to-end train step runs with the book's dropout).
 
 Shapes: B batch, L=128 padded length, valid lengths sampled from SNLI, H heads, D head size,
 C hidden, F FFN hidden, T valid tokens.  The attention/softmax ops run on the padded
 [B*H, L, *] layout; add_layernorm and ffn on the packed [T, C] tokens (fastbert's unpadded
 encoder; the d2l rows run the same [T, C] tensor, so the ratio is the kernel's own gain).
+``add_layernorm_dropout`` is AddNorm as training runs it, with the book's dropout 0.1 (d2l:
+``nn.Dropout`` then add then LayerNorm; fastbert: the fused kernel's counter-RNG dropout).
 Counted work: FLOPs of the useful (valid-key) matmuls, backward = 2x forward; bytes = the
 minimal tensor traffic (each input read once, each output written once).
 """
@@ -39,8 +41,12 @@ from fastbert import ops
 
 import harness
 
-OPS = ("masked_softmax", "attention", "varlen_attention", "add_layernorm", "ffn",
-       "gather_positions", "pack", "unpack")
+OPS = ("masked_softmax", "attention", "varlen_attention", "add_layernorm",
+       "add_layernorm_dropout", "ffn", "gather_positions", "pack", "unpack")
+# Benchmark rows that time a fastbert op under another configuration: row name -> op.
+OP_OF_ROW = {"add_layernorm_dropout": "add_layernorm"}
+# The book's dropout (bert.small / bert.base fine-tuning and pretraining): AddNorm in training.
+BOOK_DROPOUT = 0.1
 IMPLS = ("d2l", "reference", "cpp", "triton", "compile")
 MODES = ("fwd", "bwd", "fwd+bwd")
 BACKWARD_FACTOR = {"fwd": 1.0, "bwd": 2.0, "fwd+bwd": 3.0}  # matmul FLOPs relative to fwd
@@ -123,22 +129,26 @@ def build(op: str, dims: harness.BertDims, lens: torch.Tensor, dtype: torch.dtyp
                    fwd_flops=4.0 * H * D * (n * n).sum().item(), baseline_op="attention",
                    note="ratio against d2l's padded attention on the same batch")
 
-    if op == "add_layernorm":
+    if op in ("add_layernorm", "add_layernorm_dropout"):
+        p = BOOK_DROPOUT if op == "add_layernorm_dropout" else 0.0
         x, y = _leaf(T, C, dtype=dtype, dev=dev), _leaf(T, C, dtype=dtype, dev=dev)
         w = (1 + 0.1 * torch.randn(C, device=dev)).to(dtype).requires_grad_()
         b = (0.1 * torch.randn(C, device=dev)).to(dtype).requires_grad_()
         size = T * C * elt
 
         def d2l_addnorm(d2l):
-            an = d2l.AddNorm(C, 0.0).to(device=dev, dtype=dtype)
+            an = d2l.AddNorm(C, p).to(device=dev, dtype=dtype)  # a fresh module trains
             with torch.no_grad():
                 an.ln.weight.copy_(w)
                 an.ln.bias.copy_(b)
             return (lambda: an(x, y)), (x, y, an.ln.weight, an.ln.bias)
-        return Job(lambda x, y, w, b: ops.add_layernorm(x, y, w, b, 1e-5), (x, y, w, b),
+        # Minimal traffic: forward reads x, y, writes out; backward reads dout, x, y, writes
+        # dx (and dy with dropout; without, d2l's add hands dx to both).
+        bwd = (5 if p > 0 else 4) * size
+        return Job(lambda x, y, w, b: ops.add_layernorm(x, y, w, b, 1e-5, p), (x, y, w, b),
                    (0, 1, 2, 3), B, T,
-                   bytes_by_mode={"fwd": 3 * size, "bwd": 5 * size, "fwd+bwd": 8 * size},
-                   d2l=d2l_addnorm, baseline_op="add_layernorm")
+                   bytes_by_mode={"fwd": 3 * size, "bwd": bwd, "fwd+bwd": 3 * size + bwd},
+                   d2l=d2l_addnorm, baseline_op=op)
 
     if op == "ffn":
         x = _leaf(T, C, dtype=dtype, dev=dev)
@@ -246,7 +256,8 @@ def test_op(benchmark, op, impl, mode, op_case, dtype_name, d2l_or_none, lengths
         fn, targets = job.d2l(d2l_or_none)
         label = "d2l eager"
     else:
-        why_not = harness.backend_skip_reason(backend, [op], bench_device, dtype)
+        why_not = harness.backend_skip_reason(backend, [OP_OF_ROW.get(op, op)], bench_device,
+                                              dtype)
         if why_not:
             pytest.skip(why_not)
         args = job.args

@@ -162,3 +162,51 @@ def test_compile_fullgraph(backend, dtype):
         torch.compile(loss, fullgraph=True)(*params).backward()
     for name, p, e in zip(NAMES[1:], params, eager[1:]):
         torch.testing.assert_close(p.grad, e, msg=lambda m: f"compiled {name}: {m}")
+
+
+FALLBACK_SCRIPT = r"""
+import torch
+from fastbert import ops
+from fastbert.backends import reference
+import fastbert
+torch.manual_seed(0)
+for M, K, N in ((300, 48, 256), (700, 256, 40)):  # 700 rows: three 256-row dW chunks
+    x = torch.randn(M, K)
+    w, b = torch.randn(N, K) / K ** 0.5, torch.randn(N)
+    w2, b2 = torch.randn(K, N) / N ** 0.5, torch.randn(K)
+    dy = torch.randn(M, K)
+    for fn in ("linear", "ffn"):
+        def run(impl, dtype):
+            ps = [t.to(dtype).requires_grad_() for t in (x, w, b, w2, b2)]
+            if fn == "linear":
+                out = impl.linear(ps[0], ps[1], ps[2])
+                g = torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out).sin()
+                return torch.autograd.grad(out, ps[:3], g)
+            out = impl.ffn(*ps, "relu")
+            return torch.autograd.grad(out, ps, dy.to(dtype))
+        with fastbert.use_backend("cpp"):
+            got = run(ops, torch.float32)
+        want = run(reference, torch.float64)
+        for g, r in zip(got, want):
+            err = (g.double() - r).abs().max().item()
+            assert err < 1e-3 * max(1.0, r.abs().max().item()), (fn, M, K, N, err)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("disabled", ["1", "0"], ids=["fallback", "onednn-matmul"])
+def test_fp32_backward_with_and_without_onednn_matmul(disabled):
+    """The fp32 backward GEMMs (linear and ffn) run on oneDNN's matmul when torch exports it
+    and on the pointwise op otherwise (csrc/cpu/onednn_gemm.h); both paths match the float64
+    reference.  FASTBERT_NO_ONEDNN_MATMUL=1 takes the fallback; it is read once per process,
+    so each case runs in a fresh interpreter."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("fastbert.backends.cpp")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FASTBERT_NO_ONEDNN_MATMUL=disabled,
+               PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 
@@ -53,8 +54,14 @@ inline at::Tensor linear(const at::Tensor& x, const at::Tensor& w,
 // as they are: no copies and no weight reorder, unlike mkldnn::_linear_pointwise on a view.
 // ATen's at::native::mkldnn_matmul is exported by libtorch_cpu but is not public API, so it
 // is declared weak: a torch without it leaves the pointer null and the callers fall back.
+// FASTBERT_NO_ONEDNN_MATMUL=1 takes the fallback as if it were missing (tests run both).
 inline bool has_matmul() {
-  return at::hasMKLDNN() && &at::native::mkldnn_matmul != nullptr;
+  static const bool ok = [] {
+    const char* off = std::getenv("FASTBERT_NO_ONEDNN_MATMUL");
+    return at::hasMKLDNN() && &at::native::mkldnn_matmul != nullptr &&
+           !(off != nullptr && off[0] != '\0' && off[0] != '0');
+  }();
+  return ok;
 }
 
 // a @ b.  fp32 with oneDNN: its matmul (measured 1.3x the pointwise op with a transposed
