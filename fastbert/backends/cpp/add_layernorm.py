@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ... import ops as _front
+from ..kernel_call import call_kernel
 
 _ops = torch.ops.fastbert
 _ops.add_layernorm  # noqa: B018  (AttributeError -> this glue is skipped: kernel not built)
@@ -56,8 +57,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     x, y, weight, mean, rstd, seed = ctx.saved_tensors
-    dx, dy, dweight, dbias = _ops.add_layernorm_backward(grad_out, x, y, weight, mean, rstd,
-                                                         ctx.dropout_p, seed)
+    dx, dy, dweight, dbias = call_kernel(_ops.add_layernorm_backward, grad_out, x, y, weight,
+                                         mean, rstd, ctx.dropout_p, seed)
     if ctx.dropout_p == 0:  # the kernel leaves grad_y out: without dropout it equals grad_x
         dy = dx
     if weight is None:
@@ -87,7 +88,7 @@ def add_layernorm(x, y, weight, bias, eps: float, dropout_p: float = 0.0, seed=N
     if x.dtype != y.dtype:  # e.g. autocast: fp32 residual + bf16 sublayer output, as the reference
         dtype = torch.promote_types(x.dtype, y.dtype)
         x, y = x.to(dtype), y.to(dtype)
-    return _ops.add_layernorm(x, y, weight, bias, float(eps), float(dropout_p),
+    return call_kernel(_ops.add_layernorm, x, y, weight, bias, float(eps), float(dropout_p),
                               seed if dropout_p > 0 else None)[0]
 
 

@@ -18,6 +18,7 @@ import torch
 
 from ... import ops as _front
 from ..autocast import autocast_dtype, cast
+from ..kernel_call import call_kernel
 
 _ops = torch.ops.fastbert
 _ops.attention  # noqa: B018  (AttributeError -> this glue is skipped: kernel not built)
@@ -45,7 +46,7 @@ def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, valid_lens, seed = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = _ops.attention_backward(grad_out, q, k, v, out, lse, valid_lens,
+    dq, dk, dv = call_kernel(_ops.attention_backward, grad_out, q, k, v, out, lse, valid_lens,
                                          ctx.dropout_p, ctx.scale, seed)
     return dq, dk, dv, None, None, None, None
 
@@ -58,7 +59,7 @@ def attention(q, k, v, valid_lens, dropout_p: float = 0.0, scale=None):
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     seed = _front.dropout_seed(dropout_p) if dropout_p > 0 else None
-    return _ops.attention(q, k, v, valid_lens, float(dropout_p), float(scale), seed)[0]
+    return call_kernel(_ops.attention, q, k, v, valid_lens, float(dropout_p), float(scale), seed)[0]
 
 
 OPS = {"attention": attention}

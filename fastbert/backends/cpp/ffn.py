@@ -13,6 +13,7 @@ import math
 import torch
 
 from ..autocast import autocast_dtype, cast
+from ..kernel_call import call_kernel
 
 _ops = torch.ops.fastbert
 _ops.ffn  # noqa: B018  (AttributeError -> this glue is skipped: kernel not built)
@@ -40,7 +41,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, _grad_saved):
     x, w1, b1, w2, b2, saved = ctx.saved_tensors
-    dx, dw1, db1, dw2, db2 = _ops.ffn_backward(grad_y, x, w1, b1, w2, b2, saved, ctx.activation)
+    dx, dw1, db1, dw2, db2 = call_kernel(_ops.ffn_backward, grad_y, x, w1, b1, w2, b2, saved, ctx.activation)
     return dx, dw1, db1 if b1 is not None else None, dw2, db2 if b2 is not None else None, None
 
 
@@ -49,7 +50,7 @@ torch.library.register_autograd("fastbert::ffn", _backward, setup_context=_setup
 
 def ffn(x, w1, b1, w2, b2, activation: str = "relu"):
     x, w1, b1, w2, b2 = cast(autocast_dtype(x.device.type, x, w1, b1, w2, b2), x, w1, b1, w2, b2)
-    return _ops.ffn(x, w1, b1, w2, b2, activation)[0]
+    return call_kernel(_ops.ffn, x, w1, b1, w2, b2, activation)[0]
 
 
 OPS = {"ffn": ffn}

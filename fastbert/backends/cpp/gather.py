@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernel_call import call_kernel
+
 _ops = torch.ops.fastbert
 _ops.gather_positions  # noqa: B018  (AttributeError -> this glue is skipped: kernel not built)
 
@@ -31,7 +33,7 @@ def _gather_setup(ctx, inputs, output):
 
 def _gather_backward(ctx, grad_out):
     (positions,) = ctx.saved_tensors
-    return _ops.gather_positions_backward(grad_out, positions, ctx.L), None
+    return call_kernel(_ops.gather_positions_backward, grad_out, positions, ctx.L), None
 
 
 def _scatter_setup(ctx, inputs, output):
@@ -41,7 +43,7 @@ def _scatter_setup(ctx, inputs, output):
 
 def _scatter_backward(ctx, grad):
     (positions,) = ctx.saved_tensors
-    return _ops.gather_positions(grad, positions), None, None
+    return call_kernel(_ops.gather_positions, grad, positions), None, None
 
 
 torch.library.register_autograd("fastbert::gather_positions", _gather_backward, setup_context=_gather_setup)
@@ -50,7 +52,7 @@ torch.library.register_autograd("fastbert::gather_positions_backward", _scatter_
 
 
 def gather_positions(X: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    return _ops.gather_positions(X, positions.to(torch.int64))
+    return call_kernel(_ops.gather_positions, X, positions.to(torch.int64))
 
 
 OPS = {"gather_positions": gather_positions}

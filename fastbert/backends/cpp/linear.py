@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..autocast import autocast_dtype, cast
+from ..kernel_call import call_kernel
 
 _ops = torch.ops.fastbert
 _ops.linear  # noqa: B018  (AttributeError -> this glue is skipped: kernel not built)
@@ -32,7 +33,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y):
     x, w, b = ctx.saved_tensors
-    dx, dw, db = _ops.linear_backward(grad_y, x, w, b)
+    dx, dw, db = call_kernel(_ops.linear_backward, grad_y, x, w, b)
     return dx, dw, db if b is not None else None
 
 
@@ -41,7 +42,7 @@ torch.library.register_autograd("fastbert::linear", _backward, setup_context=_se
 
 def linear(x, weight, bias=None):
     x, weight, bias = cast(autocast_dtype(x.device.type, x, weight, bias), x, weight, bias)
-    return _ops.linear(x, weight, bias)
+    return call_kernel(_ops.linear, x, weight, bias)
 
 
 OPS = {"linear": linear}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernel_call import call_kernel
+
 _ops = torch.ops.fastbert
 _ops.masked_softmax  # noqa: B018  (AttributeError -> this glue is skipped: kernel not built)
 
@@ -29,7 +31,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     out, valid_lens = ctx.saved_tensors
-    return _ops.masked_softmax_backward(grad_out, out, valid_lens), None
+    return call_kernel(_ops.masked_softmax_backward, grad_out, out, valid_lens), None
 
 
 torch.library.register_autograd("fastbert::masked_softmax", _backward, setup_context=_setup_context)
@@ -45,7 +47,7 @@ torch.library.register_autograd("fastbert::masked_softmax_backward", _no_double_
 
 
 def masked_softmax(X: torch.Tensor, valid_lens):
-    return _ops.masked_softmax(X, valid_lens)
+    return call_kernel(_ops.masked_softmax, X, valid_lens)
 
 
 OPS = {"masked_softmax": masked_softmax}

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernel_call import call_kernel
+
 _ops = torch.ops.fastbert
 _ops.pack  # noqa: B018  (AttributeError -> this glue is skipped: kernel not built)
 
@@ -39,7 +41,7 @@ def _pack_setup(ctx, inputs, output):
 
 def _pack_backward(ctx, grad_packed, _grad_cu_seqlens):
     (cu_seqlens,) = ctx.saved_tensors
-    return _ops.unpack(grad_packed, cu_seqlens, ctx.L), None
+    return call_kernel(_ops.unpack, grad_packed, cu_seqlens, ctx.L), None
 
 
 def _unpack_setup(ctx, inputs, output):
@@ -50,7 +52,7 @@ def _unpack_setup(ctx, inputs, output):
 
 def _unpack_backward(ctx, grad):
     (cu_seqlens,) = ctx.saved_tensors
-    return _ops.pack_rows(grad, cu_seqlens, ctx.T), None, None
+    return call_kernel(_ops.pack_rows, grad, cu_seqlens, ctx.T), None, None
 
 
 def _pack_rows_setup(ctx, inputs, output):
@@ -61,7 +63,7 @@ def _pack_rows_setup(ctx, inputs, output):
 
 def _pack_rows_backward(ctx, grad):
     (cu_seqlens,) = ctx.saved_tensors
-    return _ops.unpack(grad, cu_seqlens, ctx.L), None, None
+    return call_kernel(_ops.unpack, grad, cu_seqlens, ctx.L), None, None
 
 
 torch.library.register_autograd("fastbert::pack", _pack_backward, setup_context=_pack_setup)
@@ -70,7 +72,7 @@ torch.library.register_autograd("fastbert::pack_rows", _pack_rows_backward, setu
 
 
 def pack(X: torch.Tensor, valid_lens: torch.Tensor):
-    packed, cu_seqlens = _ops.pack(X, valid_lens)
+    packed, cu_seqlens = call_kernel(_ops.pack, X, valid_lens)
     if torch.compiler.is_compiling():
         max_len = X.shape[1]  # an upper bound; exact needs a data-dependent int
     else:
@@ -79,7 +81,7 @@ def pack(X: torch.Tensor, valid_lens: torch.Tensor):
 
 
 def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, L: int) -> torch.Tensor:
-    return _ops.unpack(packed, cu_seqlens, L)
+    return call_kernel(_ops.unpack, packed, cu_seqlens, L)
 
 
 OPS = {"pack": pack, "unpack": unpack}

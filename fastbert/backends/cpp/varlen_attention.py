@@ -19,6 +19,7 @@ import torch
 
 from ... import ops as _front
 from ..autocast import autocast_dtype, cast
+from ..kernel_call import call_kernel
 
 _ops = torch.ops.fastbert
 _ops.varlen_attention  # noqa: B018  (AttributeError -> this glue is skipped: kernel not built)
@@ -46,7 +47,7 @@ def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_seqlens, seed, cu_seqlens_q = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = _ops.varlen_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens,
+    dq, dk, dv = call_kernel(_ops.varlen_attention_backward, grad_out, q, k, v, out, lse, cu_seqlens,
                                                 ctx.dropout_p, ctx.scale, seed, cu_seqlens_q)
     return dq, dk, dv, None, None, None, None, None
 
@@ -63,7 +64,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_len: int, dropout_p: float = 0.0,
         scale = 1.0 / math.sqrt(q.shape[-1])
     if dropout_p > 0 and seed is None:
         seed = _front.dropout_seed(dropout_p)
-    return _ops.varlen_attention(q, k, v, cu_seqlens, float(dropout_p), float(scale),
+    return call_kernel(_ops.varlen_attention, q, k, v, cu_seqlens, float(dropout_p), float(scale),
                                  seed if dropout_p > 0 else None, cu_seqlens_q)[0]
 
 
