@@ -10,6 +10,7 @@
 // Plain C++ usable from CUDA too: under nvcc every function is __host__ __device__, so the CUDA
 // kernels (csrc/cuda/*.cu) draw bit-identical masks to the CPU ones.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -35,6 +36,19 @@ FASTBERT_HOST_DEVICE inline float uniform01(uint64_t seed, uint64_t index) {
 // Keep an element with probability 1 - p.
 FASTBERT_HOST_DEVICE inline bool dropout_keep(uint64_t seed, uint64_t index, float p) {
   return uniform01(seed, index) >= p;
+}
+
+// A row of the CPU kernels' dropout: keep_scale[j] = scale if dropout_keep(seed, base + j, p)
+// else 0, for j < n.  The same test written as an integer compare (uniform01 >= p  <=>  the
+// top 24 bits >= ceil(p * 2^24), exact since p * 2^24 is exact in fp32), so the loop
+// vectorizes (AVX-512 vpmullq) where the float form does not.
+template <typename T>
+inline void dropout_keep_scale_row(uint64_t seed, uint64_t base, float p, T scale, int64_t n,
+                                   T* keep_scale) {
+  const uint64_t threshold = static_cast<uint64_t>(std::ceil(p * 16777216.0f));
+  const uint64_t key = seed * 0x9e3779b97f4a7c15ULL + base;
+  for (int64_t j = 0; j < n; ++j)
+    keep_scale[j] = (mix64(key + static_cast<uint64_t>(j)) >> 40) >= threshold ? scale : T(0);
 }
 
 }  // namespace fastbert

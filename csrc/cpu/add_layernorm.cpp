@@ -61,9 +61,8 @@ struct RowIO<at::BFloat16> {
 // per element; the vector sweeps then multiply by it).
 template <typename acc_t>
 inline void fill_keep_scale(acc_t* keep_scale, int64_t r, int64_t C, const Dropout& d) {
-  const uint64_t base = static_cast<uint64_t>(r) * static_cast<uint64_t>(C);
-  const acc_t scale = static_cast<acc_t>(d.scale);
-  for (int64_t c = 0; c < C; ++c) keep_scale[c] = dropout_keep(d.seed, base + c, d.p) ? scale : acc_t(0);
+  dropout_keep_scale_row(d.seed, static_cast<uint64_t>(r) * static_cast<uint64_t>(C), d.p,
+                         static_cast<acc_t>(d.scale), C, keep_scale);
 }
 
 // z = x + dropout(y) for lanes [c, c + n) of a row.

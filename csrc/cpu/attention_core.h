@@ -187,15 +187,9 @@ struct Dropout {
   bool on() const { return p > 0.f; }
 };
 
-// keep[j] = keep-scale 1/(1-p) or 0, for j < n: dropout_keep(seed, base + j, p) of
-// common/counter_rng.h, written as an integer compare (uniform01 >= p  <=>  the top 24 bits
-// >= ceil(p * 2^24), exact since p * 2^24 is exact in fp32) so the loop vectorizes.
+// keep[j] = keep-scale 1/(1-p) or 0, for j < n (common/counter_rng.h).
 inline void dropout_row(const Dropout& dr, uint64_t base, int64_t n, float* keep) {
-  const float inv = 1.f / (1.f - dr.p);
-  const uint64_t threshold = static_cast<uint64_t>(std::ceil(dr.p * 16777216.0f));
-  const uint64_t key = dr.seed * 0x9e3779b97f4a7c15ULL + base;
-  for (int64_t j = 0; j < n; ++j)
-    keep[j] = (mix64(key + static_cast<uint64_t>(j)) >> 40) >= threshold ? inv : 0.f;
+  dropout_keep_scale_row(dr.seed, base, dr.p, 1.f / (1.f - dr.p), n, keep);
 }
 
 constexpr int64_t kRowBlock = 32;
