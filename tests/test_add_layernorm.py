@@ -203,7 +203,7 @@ def _xy(shape=(2, 4)):
     (lambda: (*_xy(), None, None, EPS, 0.0, None), None),  # valid: the control
     (lambda: (torch.randn(2, 4).half(), torch.randn(2, 4).half(), None, None, EPS, 0.0, None), "float32, bfloat16"),
     (lambda: (torch.randn(2, 4), torch.randn(2, 5), None, None, EPS, 0.0, None), "same shape"),
-    (lambda: (torch.randn(2, 4), torch.randn(2, 4).double(), None, None, EPS, 0.0, None), "share dtype"),
+    (lambda: (torch.randn(2, 4), torch.randn(2, 4).double(), None, None, EPS, 0.0, None), "share a dtype"),
     (lambda: (*_xy(), torch.randn(5), None, EPS, 0.0, None), r"weight must have shape \(4,\)"),
     (lambda: (*_xy(), None, torch.randn(4, 1), EPS, 0.0, None), r"bias must have shape \(4,\)"),
     (lambda: (*_xy(), None, None, EPS, 0.5, None), "needs a seed"),
@@ -300,3 +300,50 @@ def test_mixed_dtypes_promote_like_the_reference(backend):
     assert out.dtype == torch.float32 and xk.grad.dtype == torch.float32 and yk.grad.dtype == torch.bfloat16
     assert_close(out, ref.detach(), atol=1e-5, name="mixed-dtype add_layernorm")
     assert_close(yk.grad.double(), y64.grad, atol=2e-2, name="mixed-dtype dy")
+
+
+@pytest.mark.parametrize("x_dtype,y_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)],
+                         ids=["x32-y16", "x16-y32"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 5, 33), (2, 117), (70, 256)], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_cpp_mixed_dtypes_read_in_place(x_dtype, y_dtype, shape, p, poisoned):
+    """The CPU kernel reads an fp32/bf16 pair as it is (no promotion copies): fp32 output and
+    statistics, each gradient written in its input's dtype, against the float64 reference
+    with the kernel's own keep mask.  x, y and the fp32 output are exact in fp32 arithmetic,
+    so the fp32 tolerance applies; the bf16 gradient may err by its rounding."""
+    pytest.importorskip("fastbert.backends.cpp")
+    C = shape[-1]
+    x, y = torch.randn(shape).to(x_dtype), torch.randn(shape).to(y_dtype)
+    w, b = 1 + 0.5 * torch.randn(C), 0.5 * torch.randn(C)
+    dout = torch.randn(shape)
+    seed = torch.tensor(31, dtype=torch.int64) if p > 0 else None
+    with on_backend("cpp", "add_layernorm", x.device, torch.float32):
+        out, grads = _grads(lambda x_, y_, w_, b_: ops.add_layernorm(x_, y_, w_, b_, EPS, p, seed),
+                            [x, y, w, b], dout)
+    mask = keep_mask("cpp", seed, shape, p, x.device) if p > 0 else torch.ones(shape, dtype=torch.bool)
+    out64, grads64 = _grads(lambda *t: reference_with_mask(*t, mask, p),
+                            [t.double() for t in (x, y, w, b)], dout.double())
+    assert out.dtype == torch.float32
+    assert_close(out, out64, atol=2e-5, name="mixed add_layernorm forward")
+    for name, g, g64, dtype in zip(("dx", "dy", "dweight", "dbias"), grads, grads64,
+                                   (x_dtype, y_dtype, torch.float32, torch.float32)):
+        assert g.dtype == dtype, name
+        # bf16 rounding of the gradient: half an ulp, 2^-9 relative, of the largest entry.
+        atol = 2e-5 * max(1.0, g64.abs().max().item()) if dtype == torch.float32 else \
+            2.0 ** -8 * g64.abs().max().item() + 1e-6
+        assert_close(g.float(), g64, atol=atol, name=f"mixed add_layernorm {name}")
+
+
+def test_cpp_mixed_dtypes_opcheck():
+    pytest.importorskip("fastbert.backends.cpp")
+    fb = torch.ops.fastbert
+    seed = torch.tensor(5, dtype=torch.int64)
+    x = torch.randn(2, 3, 10, requires_grad=True)
+    y = torch.randn(2, 3, 10, dtype=torch.bfloat16, requires_grad=True)
+    w, b = torch.randn(10, requires_grad=True), torch.randn(10, requires_grad=True)
+    for args in ((x, y, w, b, EPS, 0.0, None), (y, x, w, b, EPS, 0.25, seed)):
+        torch.library.opcheck(fb.add_layernorm.default, args)
+        _, mean, rstd = fb.add_layernorm(*args)
+        torch.library.opcheck(fb.add_layernorm_backward.default,
+                              (torch.randn(2, 3, 10), args[0].detach(), args[1].detach(), w.detach(),
+                               mean.detach(), rstd.detach(), args[5], args[6]))

@@ -1,9 +1,14 @@
 """cpp glue for ``add_layernorm`` (``layer_norm(dropout(y) + x)``, d2l's AddNorm): fake
 kernels, autograd, the backend function.
 
-Without dropout, ``add_layernorm_backward`` returns an empty tensor for ``grad_y`` (it equals
-``grad_x``, as in d2l's ``dropout(Y) + X``, whose add hands one gradient to both): the glue
-passes ``grad_x`` for both, and the kernel saves writing a tensor the size of ``x``.
+Without dropout, ``add_layernorm_backward`` returns an empty tensor for ``grad_y`` when x and y
+share a dtype (it equals ``grad_x``, as in d2l's ``dropout(Y) + X``, whose add hands one
+gradient to both): the glue passes ``grad_x`` for both, and the kernel saves writing a tensor
+the size of ``x``.
+
+The CPU kernel takes an fp32 ``x`` with a bf16 ``y`` (or the reverse), as autocast produces
+them (fp32 residual, bf16 sublayer output): it computes and returns fp32, the promoted dtype,
+and writes each gradient in its input's dtype, so no cast pass runs before or after it.
 
 Kernels: csrc/cpu/add_layernorm.cpp (CUDA: csrc/cuda/add_layernorm.cu).  Reference:
 :func:`fastbert.backends.reference.add_layernorm`.  The forward returns per-row mean and rstd
@@ -29,15 +34,17 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.register_fake("fastbert::add_layernorm")
 def _add_layernorm_fake(x, y, weight, bias, eps, dropout_p, seed):
     stats = x.shape[:-1]
-    acc = _stat_dtype(x.dtype)
-    return x.new_empty(x.shape), x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)
+    out_dtype = torch.promote_types(x.dtype, y.dtype)
+    acc = _stat_dtype(out_dtype)
+    return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty(stats, dtype=acc),
+            x.new_empty(stats, dtype=acc))
 
 
 @torch.library.register_fake("fastbert::add_layernorm_backward")
 def _add_layernorm_backward_fake(grad_out, x, y, weight, mean, rstd, dropout_p, seed):
-    param_dtype = weight.dtype if weight is not None else x.dtype
+    param_dtype = weight.dtype if weight is not None else grad_out.dtype
     C = x.shape[-1]
-    grad_y = x.new_empty(x.shape) if dropout_p > 0 else x.new_empty((0,))
+    grad_y = y.new_empty(y.shape) if dropout_p > 0 or y.dtype != x.dtype else y.new_empty((0,))
     return (x.new_empty(x.shape), grad_y, x.new_empty((C,), dtype=param_dtype),
             x.new_empty((C,), dtype=param_dtype))
 
@@ -52,6 +59,7 @@ def _setup_context(ctx, inputs, output):
     _, mean, rstd = output
     ctx.save_for_backward(x, y, weight, mean, rstd, seed)
     ctx.dropout_p = dropout_p
+    ctx.same_dtype = x.dtype == y.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
@@ -59,7 +67,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     x, y, weight, mean, rstd, seed = ctx.saved_tensors
     dx, dy, dweight, dbias = call_kernel(_ops.add_layernorm_backward, grad_out, x, y, weight,
                                          mean, rstd, ctx.dropout_p, seed)
-    if ctx.dropout_p == 0:  # the kernel leaves grad_y out: without dropout it equals grad_x
+    if ctx.dropout_p == 0 and ctx.same_dtype:  # the kernel leaves grad_y out: it equals grad_x
         dy = dx
     if weight is None:
         dweight = None
@@ -82,10 +90,15 @@ def _no_double_backward(ctx, *grads):
 torch.library.register_autograd("fastbert::add_layernorm_backward", _no_double_backward)
 
 
+# The dtype pair the CPU kernel reads as it is (autocast's fp32 residual + bf16 sublayer output).
+_CPU_MIXED = {torch.float32, torch.bfloat16}
+
+
 def add_layernorm(x, y, weight, bias, eps: float, dropout_p: float = 0.0, seed=None):
     if dropout_p > 0 and seed is None:
         seed = _front.dropout_seed(dropout_p)
-    if x.dtype != y.dtype:  # e.g. autocast: fp32 residual + bf16 sublayer output, as the reference
+    if x.dtype != y.dtype and not (x.device.type == "cpu" and {x.dtype, y.dtype} == _CPU_MIXED):
+        # Other mixes run in the promoted dtype, as the reference's `dropout(y) + x`.
         dtype = torch.promote_types(x.dtype, y.dtype)
         x, y = x.to(dtype), y.to(dtype)
     return call_kernel(_ops.add_layernorm, x, y, weight, bias, float(eps), float(dropout_p),
