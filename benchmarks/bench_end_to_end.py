@@ -9,6 +9,8 @@ Rows per (job, shape, precision):
   ``fastbert-<name>``  fastbert's ``BERTClassifier`` with ``fastbert.use_backend(name)``, for
                        reference, cpp and triton (CUDA only).  ``extra_info["ops"]`` says which
                        backend really ran each op (a partial backend falls back per op).
+Peer rows (d2l, compile, HF) run with fastbert's CPU allocator cache paused
+(``harness.peer_conditions``), as they run without fastbert; fastbert rows with its defaults.
 Precision: fp32, or bf16 autocast (``torch.autocast(device, torch.bfloat16)``; the loss and
 backward as the user would write them around it).
 
@@ -195,7 +197,7 @@ def run_e2e(benchmark, job, impl, precision, e2e_case, d2l_or_none, lengths, bas
     fn, backend = make_callable(job, impl, dims, d2l_or_none, bench_device, lens, precision)
     policy = timing if timing.max_rounds == 1 else harness.TimingPolicy(**E2E_TIMING)
     benchmark.group = f"e2e {job} {harness.case_id(config, batch_size)}"
-    with warnings.catch_warnings(), \
+    with warnings.catch_warnings(), harness.peer_conditions(not impl.startswith("fastbert-")), \
             (fastbert.use_backend(backend) if backend else contextlib.nullcontext()):
         warnings.simplefilter("ignore")
         out = fn()

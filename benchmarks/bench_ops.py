@@ -269,7 +269,7 @@ def test_op(benchmark, op, impl, mode, op_case, dtype_name, d2l_or_none, lengths
         label = "torch.compile(reference)" if impl == "compile" else f"fastbert[{impl}]"
 
     benchmark.group = f"op {op} {mode} {harness.case_id(config, batch)} {dtype_name}"
-    with warnings.catch_warnings(), \
+    with warnings.catch_warnings(), harness.peer_conditions(impl == "d2l"), \
             (fastbert.use_backend(backend) if backend else _nothing()):
         warnings.simplefilter("ignore")
         run = mode_callable(fn, targets, mode)

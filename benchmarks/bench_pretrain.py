@@ -176,6 +176,8 @@ def measure_peak_memory(impl: str, batch_file: str) -> dict:
     code = ("import sys, json; sys.path.insert(0, %r); import bench_pretrain as b; "
             "print(json.dumps(b.peak_memory_child(%r, %r)))" % (HERE, impl, batch_file))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([harness.REPO, HERE]))
+    if impl.startswith("d2l"):
+        env = harness.peer_env(env)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, timeout=900)
     if proc.returncode != 0:
@@ -209,7 +211,8 @@ def test_pretrain_step(benchmark, impl, pretrain_data, d2l, timing, baseline, be
         pytest.skip("this benchmark drives the CPU build (the book's recipe on this machine)")
     batch, vocab_size = pretrain_data["batch"], pretrain_data["vocab_size"]
     step = make_step(impl, batch, vocab_size, d2l)
-    seconds = harness.measure(benchmark, step, timing, bench_device, budget_s=10.0)
+    with harness.peer_conditions(impl.startswith("d2l")):
+        seconds = harness.measure(benchmark, step, timing, bench_device, budget_s=10.0)
     key = ("pretrain_step", BATCH, MAX_LEN)
     if impl == "d2l-fp32":
         baseline.put(key, seconds)
@@ -238,7 +241,8 @@ def test_mlm_head(benchmark, impl, pretrain_data, d2l, timing, baseline, bench_d
         pytest.skip("this benchmark drives the CPU build")
     batch, vocab_size = pretrain_data["batch"], pretrain_data["vocab_size"]
     fn = make_head(impl, batch, vocab_size, d2l)
-    seconds = harness.measure(benchmark, fn, timing, bench_device, budget_s=5.0)
+    with harness.peer_conditions(impl.startswith("d2l")):
+        seconds = harness.measure(benchmark, fn, timing, bench_device, budget_s=5.0)
     key = ("mlm_head", BATCH, MAX_LEN)
     if impl == "d2l-fp32":
         baseline.put(key, seconds)

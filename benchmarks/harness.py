@@ -14,6 +14,7 @@ One job: make every benchmark measure the same way and record the same figures.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import statistics
@@ -155,6 +156,19 @@ def _once(fn: Callable[[], object], dev: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def peer_conditions(is_peer: bool):
+    """The conditions a row runs under.  fastbert installs its caching CPU allocator at import
+    (fastbert/cpu_cache.py); code that runs without fastbert (d2l, torch.compile(d2l), HF) does
+    not get it, so peer rows run with the cache paused, as their users run them."""
+    import fastbert
+    return fastbert.cpu_cache_disabled() if is_peer else contextlib.nullcontext()
+
+
+def peer_env(env: dict) -> dict:
+    """``env`` for a child process that runs a peer: no fastbert allocator cache."""
+    return dict(env, FASTBERT_CPU_CACHE_MB="0")
+
+
 def quick_median(fn: Callable[[], object], dev: torch.device, reps: int = 5,
                  warmup: int = 2) -> float:
     """Median seconds per call, without pytest-benchmark (for cached baselines)."""
@@ -193,7 +207,8 @@ class BaselineCache:
     """Seconds per call of the d2l eager fp32 baseline, per key, measured once per session.
 
     ``get(key, make_fn)`` measures ``make_fn()`` (which returns the callable to time) the
-    first time; a d2l fp32 benchmark row ``put``s its own median when it runs first."""
+    first time, under :func:`peer_conditions`; a d2l fp32 benchmark row ``put``s its own
+    median when it runs first."""
 
     def __init__(self, dev: torch.device):
         self.dev = dev
@@ -209,7 +224,8 @@ class BaselineCache:
             fn = make_fn()
             if fn is None:
                 return None
-            self.seconds[key] = quick_median(fn, self.dev, reps=reps)
+            with peer_conditions(True):
+                self.seconds[key] = quick_median(fn, self.dev, reps=reps)
         return self.seconds.get(key)
 
 

@@ -1,7 +1,8 @@
-"""The opt-in caching CPU allocator (csrc/cpu/caching_allocator.cpp, FASTBERT_CPU_CACHE_MB):
-large blocks come back from the cache, data stays intact, the limit holds, small blocks are
-untouched, and a bad setting is a clear error.  Each case runs in a fresh interpreter: the
-allocator is process-wide."""
+"""The caching CPU allocator (csrc/cpu/caching_allocator.cpp; policy in fastbert/cpu_cache.py,
+FASTBERT_CPU_CACHE_MB): on by default at the documented limit, off with 0; large blocks come
+back from the cache, data stays intact, the limit holds, small blocks are untouched, the
+run-time controls work, and a bad setting is a clear warning.  Each case runs in a fresh
+interpreter: the allocator is process-wide."""
 import os
 import subprocess
 import sys
@@ -60,13 +61,53 @@ def test_cache_hits_keep_data_and_respect_the_limit():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
 
 
-def test_off_by_default():
+CONTROLS = r"""
+import torch, fastbert
+from fastbert import cpu_cache
+info = fastbert.cpu_cache_info
+expected = min(1024, cpu_cache.default_cpu_cache_mb())
+assert info()["installed"] == 1 and info()["limit_bytes"] == expected << 20, info()
+x = torch.randn(1000, 1000); del x               # 4 MB: cached on free
+assert info()["cached_bytes"] >= 4_000_000, info()
+fastbert.empty_cpu_cache()                       # released, limit kept
+assert info()["cached_bytes"] == 0 and info()["limit_bytes"] == expected << 20, info()
+w = torch.randn(1000, 1000); del w               # cached before the pause
+with fastbert.cpu_cache_disabled():              # as without the cache; what was cached stays
+    h = info()["hits"]
+    y = torch.randn(1000, 1000); del y
+    assert info()["hits"] == h and info()["cached_bytes"] == 4 << 20, info()
+v = torch.randn(1000, 1000)                      # resumed: the block cached before comes back
+assert info()["hits"] == h + 1, info()
+del v
+fastbert.set_cpu_cache_mb(8)
+z = [torch.empty(1_000_000) for _ in range(4)]; del z  # 16 MB freed, 8 MB kept at most
+assert 0 < info()["cached_bytes"] <= 8 << 20, info()
+for bad in (-1, 1.5, True):
+    try:
+        fastbert.set_cpu_cache_mb(bad)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError(bad)
+print("ok")
+"""
+
+
+def test_on_by_default_and_controls():
     env = {k: v for k, v in os.environ.items() if k != "FASTBERT_CPU_CACHE_MB"}
     env["PYTHONPATH"] = REPO
+    r = subprocess.run([sys.executable, "-c", CONTROLS], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_zero_leaves_it_out():
+    """FASTBERT_CPU_CACHE_MB=0: c10's own allocator, as without fastbert."""
+    env = dict(os.environ, FASTBERT_CPU_CACHE_MB="0", PYTHONPATH=REPO)
     r = subprocess.run([sys.executable, "-c", "import torch, fastbert; "
                         "print(torch.ops.fastbert.cpu_caching_allocator_stats())"],
                        env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip() == "[0, 0, 0, 0, 0]", r.stderr[-2000:]
+    assert r.returncode == 0 and r.stdout.strip() == "[0, 0, 0, 0, 0, 0]", r.stderr[-2000:]
 
 
 def test_bad_setting_warns_and_keeps_the_backend():
@@ -75,5 +116,5 @@ def test_bad_setting_warns_and_keeps_the_backend():
                         "print(fastbert.available_backends()['cpp'], "
                         "torch.ops.fastbert.cpu_caching_allocator_stats())"],
                        env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip() == "available [0, 0, 0, 0, 0]", r.stderr[-2000:]
+    assert r.returncode == 0 and r.stdout.strip() == "available [0, 0, 0, 0, 0, 0]", r.stderr[-2000:]
     assert "FASTBERT_CPU_CACHE_MB must be a non-negative integer" in r.stderr

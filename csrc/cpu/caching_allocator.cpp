@@ -20,6 +20,7 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstring>
 #include <mutex>
 #include <unordered_map>
@@ -40,7 +41,7 @@ class CachingCPUAllocator final : public c10::Allocator {
  public:
 
   c10::DataPtr allocate(size_t n) override {
-    if (n < kMinBytes) {  // not cached: straight to c10's aligned allocation
+    if (n < kMinBytes || paused_.load(std::memory_order_relaxed)) {  // straight to c10's allocation
       void* small = c10::alloc_cpu(n);
       return {small, small, &release, c10::Device(c10::DeviceType::CPU)};
     }
@@ -88,11 +89,15 @@ class CachingCPUAllocator final : public c10::Allocator {
     for (void* p : drop) c10::free_cpu(p);
   }
 
+  // Paused: allocations bypass the cache and frees release at once (as c10's allocator does);
+  // the blocks cached before stay for when it resumes.
+  void set_paused(bool paused) { paused_.store(paused, std::memory_order_relaxed); }
+
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> lock(mu_);
     return {static_cast<int64_t>(cached_), static_cast<int64_t>(limit_),
             static_cast<int64_t>(hits_), static_cast<int64_t>(misses_),
-            static_cast<int64_t>(live_.size())};
+            static_cast<int64_t>(live_.size()), 1};
   }
 
   static CachingCPUAllocator* instance;
@@ -110,7 +115,7 @@ class CachingCPUAllocator final : public c10::Allocator {
       if (it != live_.end()) {  // else a small block: freed below
         const size_t cls = it->second;
         live_.erase(it);
-        if (cached_ + cls <= limit_) {
+        if (!paused_.load(std::memory_order_relaxed) && cached_ + cls <= limit_) {
           free_[cls].push_back(p);
           cached_ += cls;
           keep = true;
@@ -124,6 +129,7 @@ class CachingCPUAllocator final : public c10::Allocator {
   std::unordered_map<size_t, std::vector<void*>> free_;  // size class -> cached blocks
   std::unordered_map<void*, size_t> live_;               // handed-out block -> size class
   size_t cached_ = 0, limit_ = 0, hits_ = 0, misses_ = 0;
+  std::atomic<bool> paused_{false};
 };
 
 CachingCPUAllocator* CachingCPUAllocator::instance = nullptr;
@@ -139,9 +145,14 @@ void enable_cpu_caching_allocator(int64_t limit_mb) {
   CachingCPUAllocator::instance->set_limit(static_cast<size_t>(limit_mb) << 20);
 }
 
-// [cached bytes, limit bytes, hits, misses, live blocks]; all zero when not installed.
+// Pause (or resume) the cache; a no-op when it is not installed.
+void pause_cpu_caching_allocator(bool paused) {
+  if (CachingCPUAllocator::instance != nullptr) CachingCPUAllocator::instance->set_paused(paused);
+}
+
+// [cached bytes, limit bytes, hits, misses, live blocks, installed]; all zero when not installed.
 std::vector<int64_t> cpu_caching_allocator_stats() {
-  if (CachingCPUAllocator::instance == nullptr) return {0, 0, 0, 0, 0};
+  if (CachingCPUAllocator::instance == nullptr) return {0, 0, 0, 0, 0, 0};
   return CachingCPUAllocator::instance->stats();
 }
 
@@ -150,6 +161,7 @@ std::vector<int64_t> cpu_caching_allocator_stats() {
 TORCH_LIBRARY_FRAGMENT(fastbert, m) {
   m.def("enable_cpu_caching_allocator(int limit_mb) -> ()", &enable_cpu_caching_allocator);
   m.def("cpu_caching_allocator_stats() -> int[]", &cpu_caching_allocator_stats);
+  m.def("pause_cpu_caching_allocator(bool paused) -> ()", &pause_cpu_caching_allocator);
 }
 
 }  // namespace fastbert

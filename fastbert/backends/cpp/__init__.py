@@ -6,17 +6,13 @@ this file loads the extension, imports every glue module, and registers what the
 A glue module whose kernels are missing from the built extension is skipped (that op falls
 back to the reference), so a partial build never breaks the package.
 
-``FASTBERT_CPU_CACHE_MB=N`` (N > 0) installs the extension's caching CPU allocator for blocks
-of 1 MiB and more, keeping at most N MB of freed blocks (csrc/cpu/caching_allocator.cpp:
-glibc returns large blocks to the kernel, so every train step page-faults them back in).
-Off by default: it is process-wide, and it speeds up whatever else runs in the process too.
+Loading it also installs the extension's caching CPU allocator for large blocks (on by
+default; ``FASTBERT_CPU_CACHE_MB`` sizes it, ``0`` leaves it out): see :mod:`fastbert.cpu_cache`.
 """
 from __future__ import annotations
 
 import importlib
-import os
 import pkgutil
-import warnings
 
 import torch
 
@@ -24,24 +20,9 @@ from .. import Backend, register_backend
 
 import fastbert._C  # noqa: F401  (raises ImportError when the extension was not built)
 
+from ... import cpu_cache  # noqa: E402
 
-def _cache_limit_mb() -> int:
-    """FASTBERT_CPU_CACHE_MB; a bad value warns and leaves the cache off (the kernels still
-    load: a typo must not cost the whole backend)."""
-    raw = os.environ.get("FASTBERT_CPU_CACHE_MB", "0")
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        warnings.warn(f"fastbert: FASTBERT_CPU_CACHE_MB must be a non-negative integer (MB), "
-                      f"got {raw!r}; the caching CPU allocator stays off", RuntimeWarning)
-        return 0
-    return value
-
-
-if hasattr(torch.ops.fastbert, "enable_cpu_caching_allocator") and _cache_limit_mb() > 0:
-    torch.ops.fastbert.enable_cpu_caching_allocator(_cache_limit_mb())
+cpu_cache.install_from_env()
 
 OPS: dict = {}
 SKIPPED: dict = {}  # glue module -> why it was skipped
