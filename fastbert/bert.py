@@ -52,6 +52,15 @@ def _check_ids(name: str, ids, upper: int, like: Optional[torch.Tensor] = None) 
             raise ValueError(f"{name} must lie in [0, {upper - 1}], got values in [{lo}, {hi}]")
 
 
+# The cpp backend's GEMMs run on oneDNN, which compiles a kernel per GEMM shape and caches
+# it.  The unpadded encoder's row count T (the batch's valid tokens) changes with every
+# batch, and a shape seen for the first time costs ~0.3-0.6 ms per GEMM: measured ~15% of a
+# bert.small train step on fresh batches.  So on that path T is rounded up to a multiple of
+# ROW_BUCKET with rows that belong to no sequence (ops.varlen_attention's row padding): a
+# handful of shapes recur, for at most ROW_BUCKET - 1 extra rows of GEMM work.
+ROW_BUCKET = 64
+
+
 class BERTEncoder(nn.Module):
     """BERT encoder (d2l 0.17 signature)."""
 
@@ -83,13 +92,17 @@ class BERTEncoder(nn.Module):
     def embed(self, tokens, segments):
         return self._embedding_sum(tokens, segments, self.pos_embedding[:, :tokens.shape[1], :])
 
-    def embed_packed(self, tokens, segments, valid_lens):
+    def embed_packed(self, tokens, segments, valid_lens, row_multiple: int = 1):
         """The embedding of the valid tokens only: ``(X[T, C], cu_seqlens, max_len)``, equal to
-        ``ops.pack(self.embed(tokens, segments), valid_lens)`` without embedding the pads."""
+        ``ops.pack(self.embed(tokens, segments), valid_lens)`` without embedding the pads.
+        With ``row_multiple`` > 1, X gets rows (token, segment and position 0) up to the next
+        multiple: row padding for the packed ops, past ``cu_seqlens[-1]``."""
         B, L = tokens.shape
         positions = torch.arange(L, device=tokens.device).expand(B, L)
         ids, cu_seqlens, max_len = ops.pack(
             torch.stack([tokens.long(), segments.long(), positions], -1), valid_lens)
+        if ids.shape[0] % row_multiple:
+            ids = torch.cat([ids, ids.new_zeros(-ids.shape[0] % row_multiple, ids.shape[1])])
         tok, seg, pos = ids.unbind(-1)
         return self._embedding_sum(tok, seg, self.pos_embedding[0][pos]), cu_seqlens, max_len
 
@@ -110,6 +123,14 @@ class BERTEncoder(nn.Module):
         if self.unpadded is not None:
             return self.unpadded
         return backends.resolve_name("varlen_attention", X.device.type, X.dtype) != "reference"
+
+    def row_bucket(self) -> int:
+        """The packed row count's rounding (see ROW_BUCKET): eager runs with the cpp backend's
+        GEMMs on the CPU; 1 (no row padding) otherwise."""
+        weight = self.token_embedding.weight
+        if torch.compiler.is_compiling() or weight.device.type != "cpu":
+            return 1
+        return ROW_BUCKET if backends.resolve_name("linear", "cpu", weight.dtype) == "cpp" else 1
 
     def forward(self, tokens, segments, valid_lens):
         return self._encode(tokens, segments, valid_lens, None)
@@ -139,17 +160,21 @@ class BERTEncoder(nn.Module):
         if valid_lens is None:
             valid_lens = torch.full((B,), L, dtype=torch.int32, device=tokens.device)
         # Embed and pack the valid tokens once, run every block on [T, C], unpack once: pads
-        # come back 0.
-        packed, cu_seqlens, max_len = self.embed_packed(tokens, segments, valid_lens)
+        # come back 0.  Rows past cu_seqlens[-1] (row_bucket) belong to no sequence.
+        bucket = self.row_bucket()
+        packed, cu_seqlens, max_len = self.embed_packed(tokens, segments, valid_lens, bucket)
         blks = list(self.blks)
         if positions is None:
             for blk in blks:
                 packed = blk.forward_packed(packed, cu_seqlens, max_len)
+            if bucket > 1:
+                packed = packed[:int(cu_seqlens[-1])]
             return ops.unpack(packed, cu_seqlens, L)
         for blk in blks[:-1]:
             packed = blk.forward_packed(packed, cu_seqlens, max_len)
-        # Packed row of each wanted position; a pad position reads an appended zero row (any
-        # finite input does: its result is zeroed below), so even T = 0 needs no special case.
+        # Packed row of each wanted position; a pad position reads row cu_seqlens[-1], a padding
+        # row or an appended zero row (any finite input does: its result is zeroed below), so
+        # even T = 0 needs no special case.
         inside = positions < valid_lens.long()[:, None]
         rows = torch.where(inside, cu_seqlens[:-1].long()[:, None] + positions,
                            cu_seqlens[-1].long())

@@ -171,9 +171,28 @@ def _check_cu_seqlens_q(cu_seqlens_q, cu_seqlens, Tq: int, device) -> None:
     if _compiling() or device.type == "meta":
         return
     cu = cu_seqlens_q.tolist()
-    if cu[0] != 0 or any(b < a for a, b in zip(cu[:-1], cu[1:])) or cu[-1] != Tq:
-        raise ValueError(f"cu_seqlens_q must start at 0, be non-decreasing and end at Tq = {Tq} "
-                         f"(q's rows), got {cu}")
+    if cu[0] != 0 or any(b < a for a, b in zip(cu[:-1], cu[1:])) or cu[-1] > Tq:
+        raise ValueError(f"cu_seqlens_q must start at 0, be non-decreasing and end at most at "
+                         f"Tq = {Tq} (q's rows), got {cu}")
+
+
+# Backends whose varlen_attention kernel takes row-padded q, k, v itself (see below).
+_ROW_PADDING_NATIVE = {"cpp"}
+
+
+def _varlen_without_row_padding(impl, q, k, v, cu_seqlens, max_len, dropout_p, scale, seed,
+                                cu_seqlens_q):
+    """Run a backend that expects exactly the valid rows: cut q, k, v to them, and give the
+    output zero rows for the queries' padding."""
+    if _compiling() or q.device.type != "cpu":
+        return None  # bert.py row-pads eager CPU runs only; reading the offsets would sync a GPU
+    Tk = int(cu_seqlens[-1])
+    Tq = Tk if cu_seqlens_q is None else int(cu_seqlens_q[-1])
+    if Tq == q.shape[0] and Tk == k.shape[0]:
+        return None
+    kw = {} if cu_seqlens_q is None else {"cu_seqlens_q": cu_seqlens_q}
+    out = impl(q[:Tq], k[:Tk], v[:Tk], cu_seqlens, max_len, dropout_p, scale, seed, **kw)
+    return torch.cat([out, out.new_zeros((q.shape[0] - Tq,) + tuple(out.shape[1:]))])
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_len: int, dropout_p: float = 0.0,
@@ -188,7 +207,12 @@ def varlen_attention(q, k, v, cu_seqlens, max_len: int, dropout_p: float = 0.0,
     ``cu_seqlens[b]:cu_seqlens[b+1]`` of ``k, v[Tk, H, D]`` (e.g. only the <cls> row of each
     sequence as a query; ``max_len`` bounds the key counts, a query count may exceed it).  A
     sequence with queries but no keys outputs zeros (zero gradients).  Returns
-    ``[Tq, H, D]``."""
+    ``[Tq, H, D]``.
+
+    Row padding (CPU tensors): q, k, v may hold rows past their last offset
+    (``cu_seqlens[-1]``, or ``cu_seqlens_q[-1]`` for q): they belong to no sequence, get zero
+    output and zero gradients, and change nothing else (dropout included).  The unpadded
+    encoder uses it to round its row count up (fastbert/bert.py)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, ndim=3)
     _check_same_device(q=q, k=k, v=v)
@@ -209,6 +233,11 @@ def varlen_attention(q, k, v, cu_seqlens, max_len: int, dropout_p: float = 0.0,
     if dropout_p > 0 and seed is None:
         seed = dropout_seed(dropout_p)
     impl = _impl("varlen_attention", q)
+    if backends.resolve_name("varlen_attention", q.device.type, q.dtype) not in _ROW_PADDING_NATIVE:
+        out = _varlen_without_row_padding(impl, q, k, v, cu_seqlens, max_len, dropout_p, scale,
+                                          seed, cu_seqlens_q)
+        if out is not None:
+            return out
     if cu_seqlens_q is None:
         return impl(q, k, v, cu_seqlens, max_len, dropout_p, scale, seed)
     return impl(q, k, v, cu_seqlens, max_len, dropout_p, scale, seed, cu_seqlens_q=cu_seqlens_q)

@@ -212,7 +212,7 @@ def test_bad_inputs_raise_clear_errors():
     op = torch.ops.fastbert.varlen_attention
     q = torch.randn(8, 2, 32)
     with pytest.raises(RuntimeError, match="cu_seqlens"):
-        op(q, q, q, cu_of([3, 4]), 0.0, 0.2, None)  # sums to 7, not T = 8
+        op(q, q, q, cu_of([3, 6]), 0.0, 0.2, None)  # sums to 9 > T = 8 (fewer is row padding)
     with pytest.raises(RuntimeError, match="non-decreasing"):
         op(q, q, q, torch.tensor([0, 5, 3, 8], dtype=torch.int32), 0.0, 0.2, None)
     with pytest.raises(RuntimeError, match="seed"):
@@ -439,8 +439,8 @@ def test_cross_bad_inputs_raise_clear_errors():
         call(cu_q=torch.tensor([1, 2, 3], dtype=torch.int32))
     with pytest.raises(ValueError, match="non-decreasing"):
         call(cu_q=torch.tensor([0, 3, 2], dtype=torch.int32), q=torch.randn(2, 2, 8))
-    with pytest.raises(ValueError, match="Tq = 3"):
-        call(cu_q=cu_of([1, 1]))
+    with pytest.raises(ValueError, match="Tq = 3"):  # 4 offsets' rows > 3 (fewer: row padding)
+        call(cu_q=cu_of([2, 2]))
     with pytest.raises(ValueError, match="share H, D"):
         call(q=torch.randn(3, 1, 8))
     with pytest.raises(ValueError, match="share H, D"):
@@ -451,7 +451,7 @@ def test_cross_bad_inputs_raise_clear_errors():
         return
     op = torch.ops.fastbert.varlen_attention
     with pytest.raises(RuntimeError, match="cu_seqlens_q"):
-        op(q, k, k, cu, 0.0, 0.2, None, cu_of([1, 1]))  # sums to 2, not Tq = 3
+        op(q, k, k, cu, 0.0, 0.2, None, cu_of([2, 2]))  # sums to 4 > Tq = 3
     with pytest.raises(RuntimeError, match="B\\+1"):
         op(q, k, k, cu, 0.0, 0.2, None, cu_of([1, 1, 1]))
     with pytest.raises(RuntimeError, match="share H and D"):
@@ -488,3 +488,57 @@ def test_strided_views_of_a_fused_qkv(backend, dtype, cross, poisoned):
     for name, g, w in zip(("out", "dq", "dk", "dv"), (out,) + grads, want):
         assert not torch.isnan(g).any(), f"{name}: unwritten element"
         torch.testing.assert_close(g, w, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+# ------------------------------------------------------------------ row padding
+ALL_BACKENDS = [pytest.param(b, d, id=f"{b}-{str(d)[6:]}")
+                for b in ("reference",) + FAST_BACKENDS for d in dtypes_for(b)]
+
+
+@pytest.mark.parametrize("backend,dtype", ALL_BACKENDS)
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_row_padding_changes_nothing_else(backend, dtype, cross, p, poisoned):
+    """Rows past the last offset (the encoder's row bucketing) belong to no sequence: the
+    valid rows' output and gradients equal the call without them, bit for bit (dropout
+    included), and the padding rows get zero output and zero gradients."""
+    device = device_for(backend)
+    lens, H, D, pad = [5, 0, 13, 1], 2, 48, 7
+    cu = cu_of(lens, device)
+    T = sum(lens)
+    cu_q = cu_of([1, 1, 1, 1], device) if cross else None
+    Tq = 4 if cross else T
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(n, H, D, generator=g).to(dtype).to(device) for n in (Tq, T, T))
+    dO = torch.randn(Tq, H, D, generator=g).to(dtype).to(device)
+    seed = torch.tensor(77, dtype=torch.int64) if p > 0 else None
+
+    def run_padded(qpad, kvpad):
+        # Padding rows hold large finite values: a kernel that read them would show it.
+        grow = lambda t, n: torch.cat([t, torch.full((n,) + t.shape[1:], 1e4, dtype=dtype,  # noqa: E731
+                                                     device=device)])
+        qp = (grow(q, qpad) if qpad else q).detach().requires_grad_()
+        kp, vp = ((grow(t, kvpad) if kvpad else t).detach().requires_grad_() for t in (k, v))
+        with on_backend(backend, "varlen_attention", device, dtype):
+            out = ops.varlen_attention(qp, kp, vp, cu, max(lens), p, None, seed, cu_seqlens_q=cu_q)
+        dO_p = torch.cat([dO, torch.randn((out.shape[0] - Tq,) + dO.shape[1:]).to(dtype).to(device)])
+        return (out,) + torch.autograd.grad(out, (qp, kp, vp), dO_p)
+
+    plain = run_padded(0, 0)
+    padded = run_padded(0 if cross else pad, pad)
+    out, dq, dk, dv = padded
+    if backend == "reference" and p > 0:  # F.dropout draws its own mask: check the padding only
+        pass
+    else:
+        for a, b in zip(plain, (out[:Tq], dq[:Tq], dk[:T], dv[:T])):
+            assert torch.equal(a, b)
+    assert torch.count_nonzero(out[Tq:]) == 0 and torch.count_nonzero(dq[Tq:]) == 0
+    assert torch.count_nonzero(dk[T:]) == 0 and torch.count_nonzero(dv[T:]) == 0
+    assert torch.isfinite(out).all() and all(torch.isfinite(t).all() for t in (dq, dk, dv))
+
+
+def test_row_padding_bad_offsets():
+    """More valid rows than the tensors hold is an error at the front door too."""
+    q = torch.randn(4, 1, 8)
+    with pytest.raises(ValueError, match="at most"):
+        ops.varlen_attention(q[:1], q, q, cu_of([2, 2]), 2, cu_seqlens_q=cu_of([1, 2]))

@@ -8,7 +8,12 @@
 //
 // Dropout counter of the score element (query row tq, head h, key row u) — global row
 // indices, tq in [0, Tq), u in [0, Tk) — is (tq * H + h) * Tk + u: independent of max_len
-// and of how the work is split, and (t * H + h) * T + u for self-attention.
+// and of how the work is split, and (t * H + h) * T + u for self-attention.  Tq and Tk are
+// the last offsets (the valid row counts).
+//
+// Row padding: q, k, v may hold rows past their last offset (the unpadded encoder rounds its
+// row count up so GEMM shapes recur from batch to batch; fastbert/bert.py).  Those rows belong
+// to no sequence: their output and gradients are zero and they change nothing else.
 #include <torch/library.h>
 
 #include "cpu/attention_core.h"
@@ -31,8 +36,8 @@ void check_offsets(const at::Tensor& cu, const char* name, int64_t rows, const c
   TORCH_CHECK(c[0] == 0, "varlen_attention: ", name, "[0] must be 0, got ", c[0]);
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(c[b + 1] >= c[b], "varlen_attention: ", name, " must be non-decreasing");
-  TORCH_CHECK(c[B] == rows, "varlen_attention: ", name, "[-1] (", c[B],
-              ") must equal the number of packed ", what, " (", rows, ")");
+  TORCH_CHECK(c[B] <= rows, "varlen_attention: ", name, "[-1] (", c[B],
+              ") must not exceed the number of packed ", what, " (", rows, ")");
 }
 
 // q [Tq, H, D]; k, v [Tk, H, D].  Without cu_seqlens_q, q shares k's rows (Tq == Tk).
@@ -91,10 +96,14 @@ struct Operands {
       : q(rows_of_heads(q_)), k(rows_of_heads(k_)), v(rows_of_heads(v_)),
         cu(cu_seqlens.contiguous()),
         cuq(cu_seqlens_q.has_value() ? cu_seqlens_q->contiguous() : cu),
-        H(q.size(1)), D(q.size(2)), Tk(k.size(0)), B(cu.numel() - 1) {}
+        H(q.size(1)), D(q.size(2)), B(cu.numel() - 1) {
+    Tk = valid_keys();  // the dropout counters' key count: row padding leaves them unchanged
+  }
 
   const int32_t* query_offsets() const { return cuq.data_ptr<int32_t>(); }
   const int32_t* key_offsets() const { return cu.data_ptr<int32_t>(); }
+  int64_t valid_queries() const { return query_offsets()[B]; }
+  int64_t valid_keys() const { return key_offsets()[B]; }
 
   // Sequence b, head h: its queries, keys and values at their row strides.
   template <typename T>
@@ -150,6 +159,11 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention(
       }
     });
   });
+  const int64_t Tq = in.valid_queries();
+  if (Tq < out.size(0)) {  // row padding: no sequence's rows
+    out.narrow(0, Tq, out.size(0) - Tq).zero_();
+    lse.narrow(0, Tq, lse.size(0) - Tq).zero_();
+  }
   return {out, lse};
 }
 
@@ -202,6 +216,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
       }
     });
   });
+  // Row padding gets zero gradients.
+  for (auto [t, valid] : {std::pair<at::Tensor*, int64_t>{&dq, in.valid_queries()},
+                          {&dk, in.valid_keys()}, {&dv, in.valid_keys()}})
+    if (valid < t->size(0)) t->narrow(0, valid, t->size(0) - valid).zero_();
   return {dq, dk, dv};
 }
 
