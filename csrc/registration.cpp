@@ -46,6 +46,15 @@ TORCH_LIBRARY(fastbert, m) {
   m.def("unpack(Tensor packed, Tensor cu_seqlens, SymInt L) -> Tensor");
   m.def("pack_rows(Tensor X, Tensor cu_seqlens, SymInt T) -> Tensor");
 
+  // embedding_sum: ids[T, 3] int64 (token, segment, position) -> token_weight[ids[:, 0]] +
+  // segment_weight[ids[:, 1]] + position_weight[ids[:, 2]] ([T, C], the tables' dtype).  The
+  // backward returns the dense gradient of each table whose `needs` flag is set (else an
+  // empty (0,) tensor).
+  m.def("embedding_sum(Tensor ids, Tensor token_weight, Tensor segment_weight, "
+        "Tensor position_weight) -> Tensor");
+  m.def("embedding_sum_backward(Tensor grad, Tensor ids, SymInt V, SymInt S, SymInt P, "
+        "bool[3] needs) -> (Tensor, Tensor, Tensor)");
+
   // mlm_loss: the MLM head (gather, Linear-ReLU-LayerNorm, Linear to the vocab) and its
   // cross-entropy on the real slots (weight > 0) only, vocab in chunks of `chunk` columns
   // (online logsumexp; the [slots, V] logits never exist).  positions, labels [B, P] int64;

@@ -103,14 +103,20 @@ class BERTEncoder(nn.Module):
             torch.stack([tokens.long(), segments.long(), positions], -1), valid_lens)
         if ids.shape[0] % row_multiple:
             ids = torch.cat([ids, ids.new_zeros(-ids.shape[0] % row_multiple, ids.shape[1])])
-        tok, seg, pos = ids.unbind(-1)
-        return self._embedding_sum(tok, seg, self.pos_embedding[0][pos]), cu_seqlens, max_len
+        # One fused lookup-and-add (ops.embedding_sum), the same sum as embed()'s.
+        pos_table = self.pos_embedding[0]
+        X = ops.embedding_sum(ids, self.token_embedding.weight, self.segment_embedding.weight,
+                              pos_table if self.train_pos_embedding else pos_table.detach())
+        return self._embedding_norm(X), cu_seqlens, max_len
 
     def _embedding_sum(self, tokens, segments, pos):
         """token + segment + positional vectors ``pos``, then the optional LayerNorm/dropout."""
         X = self.token_embedding(tokens) + self.segment_embedding(segments)
         # d2l 0.17 adds `pos_embedding.data`: no gradient ever reaches it.
         X = X + (pos if self.train_pos_embedding else pos.detach())
+        return self._embedding_norm(X)
+
+    def _embedding_norm(self, X):
         if self.embedding_norm is not None:
             X = self.embedding_dropout(self.embedding_norm(X))
         return X

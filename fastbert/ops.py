@@ -142,6 +142,35 @@ def pack(X: torch.Tensor, valid_lens) -> Tuple[torch.Tensor, torch.Tensor, int]:
     return _impl("pack", X)(X, vl)
 
 
+def embedding_sum(ids: torch.Tensor, token_weight: torch.Tensor, segment_weight: torch.Tensor,
+                  position_weight: torch.Tensor) -> torch.Tensor:
+    """``token_weight[ids[:, 0]] + segment_weight[ids[:, 1]] + position_weight[ids[:, 2]]``
+    for ``ids[T, 3]`` (int64: token, segment and position of each packed token) and tables
+    ``[rows, C]`` of one dtype: the unpadded encoder's embedding, ``[T, C]``.  Each table gets
+    the dense gradient ``nn.Embedding`` gives it (detach a table that must not train)."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 2 \
+            or ids.shape[1] != 3:
+        raise TypeError("ids must be an int64 tensor [T, 3] (token, segment, position ids), got "
+                        + (f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor)
+                           else type(ids).__name__))
+    tables = (("token_weight", token_weight), ("segment_weight", segment_weight),
+              ("position_weight", position_weight))
+    for name, t in tables:
+        _check_tensor(name, t, ndim=2)
+        if t.shape[1] != token_weight.shape[1] or t.dtype != token_weight.dtype:
+            raise ValueError(f"{name} must be [rows, {token_weight.shape[1]}] in "
+                             f"{token_weight.dtype} like token_weight, got {tuple(t.shape)} {t.dtype}")
+    _check_same_device(ids=ids, token_weight=token_weight, segment_weight=segment_weight,
+                       position_weight=position_weight)
+    if not _compiling() and ids.numel() and ids.device.type != "meta":
+        lo, hi = ids.min(0).values.tolist(), ids.max(0).values.tolist()
+        for col, (name, t) in enumerate(tables):
+            if lo[col] < 0 or hi[col] >= t.shape[0]:
+                raise ValueError(f"ids[:, {col}] index {name}: they must lie in "
+                                 f"[0, {t.shape[0] - 1}], got values in [{lo[col]}, {hi[col]}]")
+    return _impl("embedding_sum", token_weight)(ids, token_weight, segment_weight, position_weight)
+
+
 def _check_cu_seqlens(cu_seqlens, device) -> None:
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 \
             or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:

@@ -101,6 +101,14 @@ def varlen_attention(q, k, v, cu_seqlens, max_len: int, dropout_p: float = 0.0,
     return pack(out, q_lengths)[0]
 
 
+def embedding_sum(ids, token_weight, segment_weight, position_weight):
+    """The packed tokens' embedding: token + segment + position rows, added in that order
+    (d2l's BERTEncoder)."""
+    tok, seg, pos = ids.unbind(-1)
+    return (F.embedding(tok, token_weight) + F.embedding(seg, segment_weight)
+            + F.embedding(pos, position_weight))
+
+
 def add_layernorm(x, y, weight, bias, eps: float, dropout_p: float = 0.0, seed=None):
     # d2l AddNorm(X, Y) = ln(dropout(Y) + X), in that operation order.
     z = F.dropout(y, dropout_p, training=dropout_p > 0) + x
@@ -158,6 +166,7 @@ OPS = {
     "pack": pack,
     "unpack": unpack,
     "varlen_attention": varlen_attention,
+    "embedding_sum": embedding_sum,
     "add_layernorm": add_layernorm,
     "ffn": ffn,
     "linear": linear,
