@@ -17,13 +17,15 @@ backward as the user would write them around it).
 The train step is the chapter's ``train_batch_ch13``: forward, ``CrossEntropyLoss(reduction=
 'none')``, ``l.sum().backward()``, ``Adam(lr=1e-4).step()``, with dropout 0.2 (the book's
 ``load_pretrained_model``).  Inference is ``eval()`` + ``no_grad`` (``evaluate_accuracy_gpu``).
-Batches: SNLI-length pairs padded to 128, token ids random in the 20,256-token vocabulary.
+Batches: SNLI-length pairs padded to 128, token ids random in the 20,256-token vocabulary;
+each call takes the next of E2E_BATCHES batches with their own lengths (as training does).
 Useful FLOPs count the matmuls on valid tokens only (padding is waste, not work); the train
 step counts 3x the forward.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 
 import pytest
@@ -38,7 +40,11 @@ IMPLS = ("d2l-eager", "d2l-compile", "hf-sdpa", "fastbert-reference", "fastbert-
          "fastbert-triton")
 PRECISIONS = ("fp32", "bf16")
 PAD, CLS = 1, 2  # the book's vocabulary: '<unk>' 0, '<pad>' 1, '<mask>' ..., '<cls>', '<sep>'
-E2E_TIMING = dict(budget_s=3.0, min_rounds=3, max_rounds=10, round_s=0.0, warmup=1)
+E2E_TIMING = dict(budget_s=3.0, min_rounds=3, max_rounds=10, round_s=0.0, warmup=8)
+# Each call takes the next of this many batches, each with its own SNLI lengths (so its own
+# token count), as a training loop does: a fixed batch would hide what a new shape costs
+# (oneDNN's per-shape kernels, the allocator's reuse).  The warm-up calls cover a few.
+E2E_BATCHES = 32
 
 
 def pytest_generate_tests(metafunc):
@@ -74,10 +80,15 @@ def bert_args(dims: harness.BertDims):
     return args, kwargs
 
 
+def batch_lengths(lengths, batch_size: int):
+    """The valid lengths of the E2E_BATCHES batches of a case (the same for every row)."""
+    return [lengths.sample(batch_size, seed=batch_size * 1000 + i) for i in range(E2E_BATCHES)]
+
+
 def make_batch(lens: torch.Tensor, dev: torch.device):
     """A padded SNLI-shaped batch: <cls> first, segment 1 on the second half of each pair."""
     B, L = lens.numel(), harness.SEQ_LEN
-    g = torch.Generator().manual_seed(B)  # the same batch for every row of a case
+    g = torch.Generator().manual_seed(B + int(lens.sum()))  # the same batch for every row
     pos = torch.arange(L)[None, :]
     valid = pos < lens[:, None]
     tokens = torch.randint(5, harness.VOCAB_SIZE, (B, L), generator=g)
@@ -139,13 +150,16 @@ def autocast(precision: str, dev: torch.device):
     return contextlib.nullcontext()
 
 
-def train_step_fn(net, forward, batch, labels, precision, dev):
-    """One step of the chapter's train_batch_ch13 (Adam as in the fine-tuning chapter)."""
+def train_step_fn(net, forward, batches, precision, dev):
+    """One step of the chapter's train_batch_ch13 (Adam as in the fine-tuning chapter), on
+    the next of ``batches``."""
     loss = nn.CrossEntropyLoss(reduction="none")
     trainer = torch.optim.Adam(net.parameters(), lr=harness.LEARNING_RATE)
     net.train()
+    batches = itertools.cycle(batches)
 
     def step():
+        batch, labels = next(batches)
         trainer.zero_grad()
         with autocast(precision, dev):
             l = loss(forward(net, batch), labels)
@@ -155,28 +169,30 @@ def train_step_fn(net, forward, batch, labels, precision, dev):
     return step
 
 
-def inference_fn(net, forward, batch, precision, dev):
+def inference_fn(net, forward, batches, precision, dev):
     net.eval()
+    batches = itertools.cycle(batches)
 
     def infer():
+        batch, _ = next(batches)
         with torch.no_grad(), autocast(precision, dev):
             return forward(net, batch)
     return infer
 
 
-def make_callable(job, impl, dims, d2l, dev, lens, precision):
+def make_callable(job, impl, dims, d2l, dev, lens_list, precision):
     net, forward, backend = build_model(impl, dims, d2l, dev)
-    batch, labels = make_batch(lens, dev)
+    batches = [make_batch(lens, dev) for lens in lens_list]
     if job == "train":
-        return train_step_fn(net, forward, batch, labels, precision, dev), backend
-    return inference_fn(net, forward, batch, precision, dev), backend
+        return train_step_fn(net, forward, batches, precision, dev), backend
+    return inference_fn(net, forward, batches, precision, dev), backend
 
 
 def run_e2e(benchmark, job, impl, precision, e2e_case, d2l_or_none, lengths, baseline,
             ceilings, timing, bench_device):
     config, batch_size = e2e_case
     dims = harness.CONFIGS[config]
-    lens = lengths.sample(batch_size, seed=batch_size)
+    lens_list = batch_lengths(lengths, batch_size)
     dtype = harness.DTYPES[precision]
     labels = {}
     if impl.startswith("fastbert-"):
@@ -194,7 +210,7 @@ def run_e2e(benchmark, job, impl, precision, e2e_case, d2l_or_none, lengths, bas
         labels["falls_back"] = [op for op in model_ops if resolved[op] != backend]
 
     torch.manual_seed(0)
-    fn, backend = make_callable(job, impl, dims, d2l_or_none, bench_device, lens, precision)
+    fn, backend = make_callable(job, impl, dims, d2l_or_none, bench_device, lens_list, precision)
     policy = timing if timing.max_rounds == 1 else harness.TimingPolicy(**E2E_TIMING)
     benchmark.group = f"e2e {job} {harness.case_id(config, batch_size)}"
     with warnings.catch_warnings(), harness.peer_conditions(not impl.startswith("fastbert-")), \
@@ -211,12 +227,15 @@ def run_e2e(benchmark, job, impl, precision, e2e_case, d2l_or_none, lengths, bas
     if d2l_or_none is not None:
         def make_baseline():
             torch.manual_seed(0)
-            return make_callable(job, "d2l-eager", dims, d2l_or_none, bench_device, lens,
+            return make_callable(job, "d2l-eager", dims, d2l_or_none, bench_device, lens_list,
                                  "fp32")[0]
         baseline_s = baseline.get(key, make_baseline, reps=3)
-    flops = harness.encoder_forward_flops(dims, lens) * (3.0 if job == "train" else 1.0)
+    # Per call: the mean over the batches.
+    flops = sum(harness.encoder_forward_flops(dims, lens) for lens in lens_list) / len(lens_list) \
+        * (3.0 if job == "train" else 1.0)
+    tokens = round(sum(int(lens.sum()) for lens in lens_list) / len(lens_list))
     harness.record(benchmark, seconds, kind="e2e", impl=impl, dtype=precision,
-                   batch=batch_size, tokens=int(lens.sum()), flops=flops, ceilings=ceilings,
+                   batch=batch_size, tokens=tokens, flops=flops, ceilings=ceilings,
                    baseline_s=baseline_s, op=f"e2e {job}", mode=job, config=config,
                    seq_len=harness.SEQ_LEN, baseline_key="/".join(map(str, key)), **labels)
 
