@@ -101,3 +101,27 @@ def test_package_imports_and_runs_without_the_extension(tmp_path):
         "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_per_op_device_types_narrow_a_backend():
+    """An op a backend lists for fewer devices (a CPU-only kernel in a CUDA build) is not
+    claimed on the others, so it falls back instead of failing to dispatch."""
+    b = backends.Backend("demo", {"a": len, "b": len}, device_types=frozenset({"cpu", "cuda"}),
+                         dtypes=frozenset({torch.float32}),
+                         op_device_types={"b": frozenset({"cpu"})})
+    assert b.supports("a", "cuda", torch.float32) is None
+    assert b.supports("b", "cpu", torch.float32) is None
+    assert "does not run 'b' on cuda" in b.supports("b", "cuda", torch.float32)
+
+
+def test_cpp_claims_cuda_only_where_a_cuda_kernel_is_registered():
+    pytest.importorskip("fastbert.backends.cpp")
+    cpp = backends._load("cpp")
+    built = bool(getattr(torch.ops.fastbert, "_cuda_built", None))
+    for op in cpp.ops:
+        try:
+            has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"fastbert::{op}", "CUDA")
+        except RuntimeError:
+            has_kernel = False
+        assert (cpp.supports(op, "cuda", torch.float32) is None) == (built and has_kernel), op
+        assert cpp.supports(op, "cpu", torch.float32) is None, op

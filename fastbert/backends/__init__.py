@@ -53,6 +53,8 @@ class Backend:
     reason: str = ""  # why it is not available
     # Per-op dtype overrides, e.g. fp16 only on CUDA: {"op": frozenset({...})}.
     op_dtypes: Dict[str, FrozenSet[torch.dtype]] = field(default_factory=dict)
+    # Per-op device overrides, e.g. an op with a CPU kernel only in a CUDA build.
+    op_device_types: Dict[str, FrozenSet[str]] = field(default_factory=dict)
 
     def supports(self, op: str, device_type: str, dtype: Optional[torch.dtype]) -> Optional[str]:
         """None if this backend runs ``op`` here, else the reason it does not."""
@@ -60,8 +62,8 @@ class Backend:
             return f"backend '{self.name}' is not available: {self.reason}"
         if op not in self.ops:
             return f"backend '{self.name}' has no kernel for op '{op}'"
-        if device_type not in self.device_types:
-            return f"backend '{self.name}' does not run on {device_type} tensors"
+        if device_type not in self.op_device_types.get(op, self.device_types):
+            return f"backend '{self.name}' does not run '{op}' on {device_type} tensors"
         dtypes = self.op_dtypes.get(op, self.dtypes)
         if dtype is not None and dtype not in dtypes:
             return f"backend '{self.name}' op '{op}' does not take {dtype}"

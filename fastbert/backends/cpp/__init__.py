@@ -32,8 +32,23 @@ for _info in pkgutil.iter_modules(__path__):
     except (ImportError, AttributeError, RuntimeError) as _exc:
         SKIPPED[_info.name] = f"{type(_exc).__name__}: {_exc}"
 
-_devices = {"cpu"} | ({"cuda"} if getattr(torch.ops.fastbert, "_cuda_built", None) else set())
+
+
+def _has_cuda_kernel(op: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastbert::{op}", "CUDA")
+    except RuntimeError:  # no torch op of that name (a glue-level op)
+        return False
+
+
+# A CUDA build has CUDA twins of some ops only (csrc/cuda/); the others stay CPU-only, so
+# asking for them on CUDA tensors falls back (with a warning) instead of failing to dispatch.
+_cuda_built = bool(getattr(torch.ops.fastbert, "_cuda_built", None))
+_devices = {"cpu"} | ({"cuda"} if _cuda_built else set())
+_op_devices = {op: frozenset({"cpu", "cuda"} if _cuda_built and _has_cuda_kernel(op) else {"cpu"})
+               for op in OPS}
 register_backend(Backend("cpp", OPS, device_types=frozenset(_devices),
+                         op_device_types=_op_devices,
                          dtypes=frozenset({torch.float32, torch.bfloat16}),
                          # pack/unpack copy whole rows of bytes: token ids pack too.
                          op_dtypes={op: frozenset({torch.float32, torch.bfloat16, torch.int32,
