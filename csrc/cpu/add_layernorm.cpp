@@ -25,6 +25,7 @@
 
 #include "common/counter_rng.h"
 #include "cpu/cpu_common.h"
+#include "cpu/row_io.h"
 
 namespace fastbert::cpu {
 namespace {
@@ -36,31 +37,6 @@ struct Dropout {
   uint64_t seed;
   float p;
   double scale;  // 1 / (1 - p)
-};
-
-// Loads and stores of one vector of accumulation type (fp32 for bf16) from a row of T,
-// `n` <= Vec::size() lanes (a partial vector zero-fills the rest): every pass below is a
-// single vectorized sweep, tails included.
-template <typename T>
-struct RowIO {  // float, double
-  using Vec = Vectorized<T>;
-  static Vec load(const T* p, int64_t n) { return Vec::loadu(p, n); }
-  static void store(T* p, const Vec& v, int64_t n) { v.store(p, n); }
-};
-template <>
-struct RowIO<at::BFloat16> {
-  using Vec = Vectorized<float>;
-  static Vec load(const at::BFloat16* p, int64_t n) {
-    if (n == Vec::size()) {
-      Vec v;
-      at::vec::load_to_float(p, v);
-      return v;
-    }
-    return std::get<0>(at::vec::convert_to_float<at::BFloat16>(Vectorized<at::BFloat16>::loadu(p, n)));
-  }
-  static void store(at::BFloat16* p, const Vec& v, int64_t n) {
-    at::vec::convert_from_float<at::BFloat16>(v, v).store(p, n);  // round to nearest even
-  }
 };
 
 // keep_scale[c] = 1/(1-p) if element (r, c) survives dropout, else 0 (the counter RNG is

@@ -14,6 +14,7 @@
 #include <tuple>
 
 #include "cpu/cpu_common.h"
+#include "cpu/row_io.h"
 
 namespace fastbert::cpu {
 namespace {
@@ -21,24 +22,6 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr const char* kOp = "fastbert::embedding_sum";
-
-// Loads and stores of `n` lanes of a row in its accumulation type (fp32 for bf16).
-template <typename T>
-struct Lanes {  // float, double
-  using Vec = Vectorized<T>;
-  static Vec load(const T* p, int64_t n) { return Vec::loadu(p, n); }
-  static void store(T* p, const Vec& v, int64_t n) { v.store(p, n); }
-};
-template <>
-struct Lanes<at::BFloat16> {
-  using Vec = Vectorized<float>;
-  static Vec load(const at::BFloat16* p, int64_t n) {
-    return std::get<0>(at::vec::convert_to_float<at::BFloat16>(Vectorized<at::BFloat16>::loadu(p, n)));
-  }
-  static void store(at::BFloat16* p, const Vec& v, int64_t n) {
-    at::vec::convert_from_float<at::BFloat16>(v, v).store(p, n);  // round to nearest even
-  }
-};
 
 void check_tables(const at::Tensor& ids, const std::array<const at::Tensor*, 3>& tables) {
   TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.dim() == 2 &&
@@ -73,7 +56,7 @@ at::Tensor embedding_sum_cpu(const at::Tensor& ids, const at::Tensor& token_weig
                   ip[3 * t + i], " (row ", t, ") is out of range [0, ", rows[i], ")");
   at::Tensor out = poison_if_testing(at::empty({T, C}, tw.options()));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, tw.scalar_type(), "embedding_sum_cpu", [&] {
-    using IO = Lanes<scalar_t>;
+    using IO = RowIO<scalar_t>;
     constexpr int64_t W = IO::Vec::size();
     const scalar_t* a = tw.data_ptr<scalar_t>();
     const scalar_t* b = sw.data_ptr<scalar_t>();
@@ -127,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_sum_backward_cpu(
       for (int64_t t = 0; t < T; ++t) {
         for (int64_t j = c0; j < c1; j += W) {
           const int64_t n = std::min(W, c1 - j);
-          const Vec gv = Lanes<scalar_t>::load(gp + t * C + j, n);
+          const Vec gv = RowIO<scalar_t>::load(gp + t * C + j, n);
           for (int i = 0; i < 3; ++i) {
             if (dst[i] == nullptr) continue;
             acc_t* row = dst[i] + ip[3 * t + i] * C + j;
