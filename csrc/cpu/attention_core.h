@@ -217,12 +217,16 @@ inline float softmax_row(float* s, int64_t lim, int64_t nk, int64_t nkp, float s
     return std::numeric_limits<float>::infinity();
   }
   const int64_t n = std::min(lim, nk);
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) {
-    s[j] *= scale;
-    mx = std::max(mx, s[j]);
-  }
   constexpr int W = Vec::size();
+  // Scale and row max, a vector at a time (the tail as a partial vector).
+  Vec vmax(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; j += W) {
+    const int64_t m = std::min<int64_t>(W, n - j);
+    const Vec x = Vec::loadu(s + j, m) * Vec(scale);
+    x.store(s + j, m);
+    vmax = at::vec::maximum(vmax, m == W ? x : Vec::set(Vec(-std::numeric_limits<float>::infinity()), x, m));
+  }
+  const float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
   const Vec vmx(mx);
   Vec vsum(0.f);
   int64_t j = 0;
@@ -348,14 +352,18 @@ void backward_problem(const Problem<T>& pr, int64_t D, int64_t Dv, float scale,
         std::copy(prow, prow + n, pdrow);
       }
       for (int64_t j = n; j < nkp; ++j) pdrow[j] = 0.f;
-      // Di = sum_j P_j dP_j (the softmax backward's row sum; equals dO . O)
-      float dsum = 0.f;
-      for (int64_t j = 0; j < n; ++j) dsum += prow[j] * dsrow[j];
+      // Di = sum_j P_j dP_j (the softmax backward's row sum; equals dO . O), vectorized:
+      // P is 0 past n (softmax_row), so whole padded vectors add nothing extra.
+      Vec vsum(0.f);
+      for (int64_t j = 0; j < nkp; j += Vec::size())
+        vsum = at::vec::fmadd(Vec::loadu(prow + j), Vec::loadu(dsrow + j), vsum);
+      const float dsum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
       if (lim == 0) {  // masked scores get no gradient
         std::fill(dsrow, dsrow + nkp, 0.f);
-      } else {
-        for (int64_t j = 0; j < n; ++j) dsrow[j] = prow[j] * (dsrow[j] - dsum);
-        for (int64_t j = n; j < nkp; ++j) dsrow[j] = 0.f;
+      } else {  // dS = P * (dP - Di); P is 0 past n, so the padded tail comes out 0
+        const Vec vd(dsum);
+        for (int64_t j = 0; j < nkp; j += Vec::size())
+          (Vec::loadu(prow + j) * (Vec::loadu(dsrow + j) - vd)).store(dsrow + j);
       }
     }
     // dV += Pd^T dO ; dK += dS^T Q (* scale at the end) ; dQ = dS K * scale
