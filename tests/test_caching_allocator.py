@@ -80,8 +80,18 @@ v = torch.randn(1000, 1000)                      # resumed: the block cached bef
 assert info()["hits"] == h + 1, info()
 del v
 fastbert.set_cpu_cache_mb(8)
-z = [torch.empty(1_000_000) for _ in range(4)]; del z  # 16 MB freed, 8 MB kept at most
+z = [torch.empty(1_000_000) for _ in range(4)]  # 16 MB freed, 8 MB kept at most
+z.clear()
 assert 0 < info()["cached_bytes"] <= 8 << 20, info()
+del z
+fastbert.empty_cpu_cache()                       # LRU: a stale size makes room for a live one
+a = torch.empty(1_500_000); del a                # 6 MB class cached
+b = torch.empty(1_000_000); del b                # 4 MB: 6 + 4 > 8, the stale 6 MB block goes
+assert info()["cached_bytes"] == 4 << 20, info()
+h = info()["hits"]
+c = torch.empty(1_000_000)
+assert info()["hits"] == h + 1, info()
+del c
 for bad in (-1, 1.5, True):
     try:
         fastbert.set_cpu_cache_mb(bad)

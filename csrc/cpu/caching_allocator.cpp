@@ -11,8 +11,9 @@
 // and handed out again.  Smaller blocks are allocated and freed at once, as by c10's default.
 //
 // Size classes: 8 per power of two (at most 12.5% slack), so the packed token count varying
-// a little from batch to batch still hits the cache.  The cache holds at most `limit` bytes;
-// a freed block that would exceed it is released.  Thread-safe (one mutex: large blocks are
+// a little from batch to batch still hits the cache.  The cache holds at most `limit` bytes:
+// a freed block that would exceed it evicts the least recently freed blocks (LRU), so sizes
+// a program stopped using do not keep the cache full.  Thread-safe (one mutex: large blocks are
 // few per step).  The allocator object lives for the whole process (never destroyed), so
 // tensors freed at exit still find it.
 #include <c10/core/Allocator.h>
@@ -22,6 +23,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <list>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -39,7 +41,6 @@ size_t size_class(size_t n) {
 
 class CachingCPUAllocator final : public c10::Allocator {
  public:
-
   c10::DataPtr allocate(size_t n) override {
     if (n < kMinBytes || paused_.load(std::memory_order_relaxed)) {  // straight to c10's allocation
       void* small = c10::alloc_cpu(n);
@@ -50,8 +51,9 @@ class CachingCPUAllocator final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = free_.find(cls);
-      if (it != free_.end() && !it->second.empty()) {
-        p = it->second.back();
+      if (it != free_.end() && !it->second.empty()) {  // the most recently freed block
+        p = it->second.back()->p;
+        lru_.erase(it->second.back());
         it->second.pop_back();
         cached_ -= cls;
         ++hits_;
@@ -78,13 +80,7 @@ class CachingCPUAllocator final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(mu_);
       limit_ = limit;
-      for (auto& [cls, blocks] : free_) {
-        while (cached_ > limit_ && !blocks.empty()) {
-          drop.push_back(blocks.back());
-          blocks.pop_back();
-          cached_ -= cls;
-        }
-      }
+      evict_until(limit_, drop);
     }
     for (void* p : drop) c10::free_cpu(p);
   }
@@ -103,31 +99,57 @@ class CachingCPUAllocator final : public c10::Allocator {
   static CachingCPUAllocator* instance;
 
  private:
+  struct Block {
+    size_t cls;
+    void* p;
+  };
+  using LruIt = std::list<Block>::iterator;
+
   static void release(void* p) {
     if (p != nullptr) instance->give_back(p);
   }
 
+  // With the lock held: release the least recently freed blocks until at most `target`
+  // bytes stay cached (their pointers go to `drop`, freed after the lock).
+  void evict_until(size_t target, std::vector<void*>& drop) {
+    while (cached_ > target && !lru_.empty()) {
+      const Block oldest = lru_.front();
+      auto& stack = free_[oldest.cls];  // freeing order: the class's oldest block is first
+      stack.erase(stack.begin());
+      lru_.pop_front();
+      cached_ -= oldest.cls;
+      drop.push_back(oldest.p);
+    }
+  }
+
   void give_back(void* p) {
     bool keep = false;
+    std::vector<void*> drop;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = live_.find(p);
       if (it != live_.end()) {  // else a small block: freed below
         const size_t cls = it->second;
         live_.erase(it);
-        if (!paused_.load(std::memory_order_relaxed) && cached_ + cls <= limit_) {
-          free_[cls].push_back(p);
+        if (!paused_.load(std::memory_order_relaxed) && cls <= limit_) {
+          // Room for the block just freed, at the expense of the stalest: blocks of sizes a
+          // program no longer uses (a data-loading phase, another model) must not crowd the
+          // cache out for good.
+          evict_until(limit_ - cls, drop);
+          free_[cls].push_back(lru_.insert(lru_.end(), Block{cls, p}));
           cached_ += cls;
           keep = true;
         }
       }
     }
+    for (void* q : drop) c10::free_cpu(q);
     if (!keep) c10::free_cpu(p);
   }
 
   std::mutex mu_;
-  std::unordered_map<size_t, std::vector<void*>> free_;  // size class -> cached blocks
-  std::unordered_map<void*, size_t> live_;               // handed-out block -> size class
+  std::list<Block> lru_;                                  // cached blocks, least recently freed first
+  std::unordered_map<size_t, std::vector<LruIt>> free_;   // size class -> its cached blocks, by freeing order
+  std::unordered_map<void*, size_t> live_;                // handed-out block -> size class
   size_t cached_ = 0, limit_ = 0, hits_ = 0, misses_ = 0;
   std::atomic<bool> paused_{false};
 };
