@@ -160,12 +160,21 @@ def machine_lines(data: dict) -> List[str]:
         *([f"- **Machine load** (1/5/15-min load average at the end of the run, "
             f"{fb.get('logical_cpus', '?')} CPUs): "
             + "/".join(f"{x:.1f}" for x in fb["load_average_1_5_15min_at_end"])
-            + " — above the CPU count, other processes competed for the cores and timings "
-              "are noisy"] if fb.get("load_average_1_5_15min_at_end") else []),
+            + load_verdict(fb)] if fb.get("load_average_1_5_15min_at_end") else []),
         f"- **Lengths**: {lengths.get('source', '?')} ({lengths.get('pairs', '?')} pairs, mean "
         f"{lengths.get('mean', '?')} valid tokens, padded to {lengths.get('padded_to', '?')})",
     ]
     return lines
+
+
+def load_verdict(fb: dict) -> str:
+    """The benchmark's own threads make a load of about their number; only more than the CPU
+    count means other processes competed."""
+    load1 = fb["load_average_1_5_15min_at_end"][0]
+    cpus = fb.get("logical_cpus")
+    if isinstance(cpus, int) and load1 <= cpus + 0.5:
+        return f" — about the benchmark's own {fb.get('torch_threads', '?')} threads: no other load"
+    return " — above the CPU count, other processes competed for the cores and timings are noisy"
 
 
 def markdown(data: dict, rows: List[dict], png_name: Optional[str]) -> str:
