@@ -199,6 +199,8 @@ at::ScalarType check_pair(const at::Tensor& x, const at::Tensor& y, const char* 
               x.sizes());
   TORCH_CHECK(y.sizes() == x.sizes(), op, ": x and y must have the same shape, got ", x.sizes(),
               " and ", y.sizes());
+  TORCH_CHECK(y.device() == x.device(), op, ": x and y must be on one device, got ", x.device(),
+              " and ", y.device());
   const auto xt = x.scalar_type(), yt = y.scalar_type();
   const bool mixed_ok = (xt == at::kFloat && yt == at::kBFloat16) || (xt == at::kBFloat16 && yt == at::kFloat);
   TORCH_CHECK(xt == yt || mixed_ok, op, ": x and y must share a dtype (or be float32 and bfloat16), got ",
@@ -234,7 +236,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_cpu(
     const std::optional<at::Tensor>& seed) {
   constexpr const char* op = "fastbert::add_layernorm";
   const at::ScalarType out_dtype = check_pair(x, y, op);
-  TORCH_CHECK(y.device() == x.device(), op, ": x and y must be on one device");
   const Dropout d = make_dropout(dropout_p, seed, op);
   const auto w = affine_param(weight, x, op, "weight");
   const auto b = affine_param(bias, x, op, "bias");
@@ -285,14 +286,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layernorm_backwar
   // least 64 rows each, so the serial sum of the partials below stays small beside the rows.
   const int64_t rows_per_chunk = std::max<int64_t>(64, (rows + 63) / 64);
   const int64_t chunks = std::max<int64_t>(1, (rows + rows_per_chunk - 1) / rows_per_chunk);
-  // Every chunk zeroes its own partial rows before accumulating (rows == 0: zeroed here).
-  at::Tensor dw_partial = rows > 0 ? at::empty({chunks, C}, x.options().dtype(acc)) : at::zeros({1, C}, x.options().dtype(acc));
-  at::Tensor db_partial = rows > 0 ? at::empty({chunks, C}, x.options().dtype(acc)) : at::zeros({1, C}, x.options().dtype(acc));
+  // Every chunk zeroes its own partial rows before accumulating; without rows (one chunk that
+  // the kernel never visits) they are zeroed here.
+  at::Tensor dw_partial = at::empty({chunks, C}, x.options().dtype(acc));
+  at::Tensor db_partial = at::empty({chunks, C}, x.options().dtype(acc));
+  if (rows == 0) {
+    dw_partial.zero_();
+    db_partial.zero_();
+  }
   if (rows > 0) {
     dispatch_pair(x.scalar_type(), y.scalar_type(), [&](auto xtag, auto ytag, auto otag) {
-    using x_t = typename decltype(xtag)::type;
-    using y_t = typename decltype(ytag)::type;
-    using out_t = typename decltype(otag)::type;
+      using x_t = typename decltype(xtag)::type;
+      using y_t = typename decltype(ytag)::type;
+      using out_t = typename decltype(otag)::type;
       using acc_t = at::opmath_type<out_t>;
       backward_rows<x_t, y_t, out_t>(dout.data_ptr<out_t>(), xc.data_ptr<x_t>(), yc.data_ptr<y_t>(),
                                      w ? w->data_ptr<acc_t>() : nullptr, mc.data_ptr<acc_t>(),

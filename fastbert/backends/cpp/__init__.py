@@ -33,7 +33,6 @@ for _info in pkgutil.iter_modules(__path__):
         SKIPPED[_info.name] = f"{type(_exc).__name__}: {_exc}"
 
 
-
 def _has_cuda_kernel(op: str) -> bool:
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastbert::{op}", "CUDA")
