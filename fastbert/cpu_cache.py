@@ -5,7 +5,7 @@ temporaries over the 20,256 x 256 token embedding, that embedding's dense gradie
 activations).  glibc gives blocks that large back to the kernel on free, so every step
 page-faults them in again; on the bert.small SNLI train step that was ~25% of fastbert's
 step.  PyTorch's CPU performance guide recommends tcmalloc/jemalloc through LD_PRELOAD for
-this; the C++ extension (csrc/cpu/caching_allocator.cpp) does the same without a preload: it
+this; the C++ extension (csrc/caching_allocator.cpp) does the same without a preload: it
 keeps freed blocks of 1 MiB or more, by size class, up to a limit, and hands them out again.
 Smaller blocks go straight to c10's allocator.
 

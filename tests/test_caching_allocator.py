@@ -1,4 +1,4 @@
-"""The caching CPU allocator (csrc/cpu/caching_allocator.cpp; policy in fastbert/cpu_cache.py,
+"""The caching CPU allocator (csrc/caching_allocator.cpp; policy in fastbert/cpu_cache.py,
 FASTBERT_CPU_CACHE_MB): on by default at the documented limit, off with 0; large blocks come
 back from the cache, data stays intact, the limit holds, small blocks are untouched, the
 run-time controls work, and a bad setting is a clear warning.  Each case runs in a fresh
