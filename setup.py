@@ -72,6 +72,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["fastbert", "fastbert.*"]),
+    # The packaged data (SNLI dev/test, WikiText-2 valid) with its licenses and SHA256SUMS.
+    package_data={"fastbert": ["data/packaged/*", "data/packaged/*/*"]},
+    include_package_data=True,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.4,<2.15", "numpy", "tqdm"],

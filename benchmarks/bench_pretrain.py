@@ -55,10 +55,11 @@ def book_bert(module, vocab_size: int) -> nn.Module:
 def wiki_batch(seed: int = 0):
     """(batch tuple as the book's loader yields it, vocab size, source description)."""
     try:
-        from fastbert.data.paths import default_data_dir
+        from fastbert.data.paths import locate
         from fastbert.data.wiki import WikiTextDataset, read_wiki
         rng = random.Random(seed)
-        dataset = WikiTextDataset(read_wiki(default_data_dir(), "train", rng=rng), MAX_LEN,
+        train = locate("wikitext-2", ["train"]).files["train"]  # FASTBERT_DATA or the cache
+        dataset = WikiTextDataset(read_wiki(train, rng=rng), MAX_LEN,
                                   rng=rng)
         idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:BATCH]
         batch = tuple(t[idx] for t in (dataset.all_token_ids, dataset.all_segments,

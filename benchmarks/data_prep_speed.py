@@ -2,7 +2,7 @@
 code (4-process Pool, transcribed in tests/d2l_book_code.py) vs fastbert's vectorized
 build.  Same content (checked here too).  Usage:
 
-    python benchmarks/data_prep_speed.py [--data-dir ../shared/data] [--max-len 128]
+    python benchmarks/data_prep_speed.py [--data-dir DIR] [--max-len 128]
 """
 import argparse
 import json
@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, REPO)
 
 import d2l_book_code as book  # noqa: E402
-from fastbert.data import (SNLIBERTDataset, default_data_dir, load_snli_split,  # noqa: E402
+from fastbert.data import (SNLIBERTDataset, locate, read_snli_file,  # noqa: E402
                            snli_vocab)
 
 
@@ -32,12 +32,14 @@ def best_of(fn, repeat):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data-dir", default=default_data_dir())
+    ap.add_argument("--data-dir", default=None,
+                    help="default: FASTBERT_DATA, the cache, the packaged splits")
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
-    test = load_snli_split(a.data_dir, "test")
-    vocab = snli_vocab(load_snli_split(a.data_dir, "dev"))
+    files = locate("snli", ["test", "dev"], a.data_dir).files
+    test = read_snli_file(files["test"])
+    vocab = snli_vocab(read_snli_file(files["dev"]))
     t_book, ref = best_of(lambda: book.SNLIBERTDataset(test, a.max_len, vocab, processes=4),
                           a.repeat)
     t_book1, _ = best_of(lambda: book.SNLIBERTDataset(test, a.max_len, vocab, processes=None),

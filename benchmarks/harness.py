@@ -81,10 +81,11 @@ def synchronize(dev: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- lengths
+from fastbert.data.paths import PACKAGED_DIR  # noqa: E402
+
 SNLI_DIRS = (
     os.environ.get("FASTBERT_DATA", ""),
-    os.path.join(REPO, "..", "shared", "data"),
-    "/work/shared/data",
+    PACKAGED_DIR,  # the same SNLI test and dev files ship with fastbert
 )
 SNLI_FILES = ("snli/snli_1.0_test.tokenized.tsv.gz", "snli/snli_1.0_dev.tokenized.tsv.gz")
 SYNTHETIC_MEAN = 26.5  # the SNLI test+dev mean of premise + hypothesis + 3
@@ -157,11 +158,15 @@ def _once(fn: Callable[[], object], dev: torch.device) -> float:
 
 
 def peer_conditions(is_peer: bool):
-    """The conditions a row runs under.  fastbert installs its caching CPU allocator at import
-    (fastbert/cpu_cache.py); code that runs without fastbert (d2l, torch.compile(d2l), HF) does
-    not get it, so peer rows run with the cache paused, as their users run them."""
+    """The conditions a row runs under.  A fastbert training run installs its caching CPU
+    allocator (fastbert/cpu_cache.py), so fastbert rows install it as one would; code that runs
+    without fastbert (d2l, torch.compile(d2l), HF) does not get it, so peer rows run with the
+    cache paused, as their users run them."""
     import fastbert
-    return fastbert.cpu_cache_disabled() if is_peer else contextlib.nullcontext()
+    if is_peer:
+        return fastbert.cpu_cache_disabled()
+    fastbert.cpu_cache.install_for_training()
+    return contextlib.nullcontext()
 
 
 def peer_env(env: dict) -> dict:

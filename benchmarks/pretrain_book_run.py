@@ -30,13 +30,14 @@ import harness  # noqa: E402
 def run(impl: str, loss_mode: str, seed: int, steps: int = 50, amp: bool = False,
         dataset=None) -> dict:
     import fastbert
-    from fastbert.data.paths import default_data_dir
+    from fastbert.data.paths import locate
     from fastbert.data.wiki import WikiTextDataset, read_wiki
     from fastbert.losses import bert_pretrain_loss
     random.seed(seed)
     torch.manual_seed(seed)
     if dataset is None:
-        dataset = WikiTextDataset(read_wiki(default_data_dir(), "train", rng=random), bp.MAX_LEN,
+        train = locate("wikitext-2", ["train"]).files["train"]  # FASTBERT_DATA or the cache
+        dataset = WikiTextDataset(read_wiki(train, rng=random), bp.MAX_LEN,
                                   rng=random)
     vocab_size = len(dataset.vocab)
     train_iter = torch.utils.data.DataLoader(dataset, bp.BATCH, shuffle=True)

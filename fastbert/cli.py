@@ -9,6 +9,11 @@ from typing import List, Optional
 __all__ = ["main", "build_parser"]
 
 
+DATA_HELP = ("Data is read from --data-dir if given, else FASTBERT_DATA, else a full copy in "
+             "the cache (FASTBERT_HOME, default ~/.cache/fastbert; see --download), else the "
+             "splits packaged with fastbert (SNLI dev/test, WikiText-2 valid; CC BY-SA).")
+
+
 def _run_options(p: argparse.ArgumentParser, defaults) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--epochs", type=int, default=defaults.epochs)
@@ -60,11 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     fd = FinetuneConfig()
     f = sub.add_parser("finetune", help="fine-tune on SNLI (default: train on dev, test on "
-                                        "test, from ../shared/data; no download)")
-    g = f.add_argument_group("data")
+                                        "test; packaged with fastbert, no download)")
+    g = f.add_argument_group("data", DATA_HELP)
     g.add_argument("--data-dir", default=None,
                    help="folder with SNLI (official snli_1.0_<split>.txt or "
-                        "snli_1.0_<split>.tokenized.tsv[.gz]); default ../shared/data")
+                        "snli_1.0_<split>.tokenized.tsv[.gz]); the only place looked when given")
+    g.add_argument("--download", action="store_true",
+                   help="fetch the full SNLI 1.0 (the book's DATA_HUB['SNLI'], with train) "
+                        "into the cache first (FASTBERT_HOME; sha1-checked, resumable)")
     g.add_argument("--train-split", default=fd.train_split)
     g.add_argument("--test-split", default=fd.test_split)
     g.add_argument("--train-limit", type=int, default=None, help="use the first N examples")
@@ -81,11 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     pd = PretrainConfig()
     p = sub.add_parser("pretrain", help="pretrain MLM + NSP on WikiText-2 (the book's recipe)")
-    g = p.add_argument_group("data")
+    g = p.add_argument_group("data", DATA_HELP)
     g.add_argument("--data-dir", default=None,
-                   help="folder with wiki.train.tokens[.gz] (or its wikitext-2/ folder); "
-                        "default ../shared/data")
-    g.add_argument("--split", default=pd.split)
+                   help="folder with wiki.<split>.tokens[.gz] (or its wikitext-2/ folder); "
+                        "the only place looked when given")
+    g.add_argument("--download", action="store_true",
+                   help="fetch the full WikiText-2 (the book's DATA_HUB['wikitext-2']) into "
+                        "the cache first (FASTBERT_HOME; sha1-checked, resumable)")
+    g.add_argument("--split", default=pd.split,
+                   help="train, valid or test (default: train; when no train split is "
+                        "available, the packaged valid split, said so in the output)")
     g.add_argument("--max-paragraphs", type=int, default=None)
     p.add_argument("--mlm-loss", choices=["book", "real-slots"], default=pd.mlm_loss,
                    help="book: _get_batch_loss_bert's numbers (mean over all slots, padding "

@@ -1,25 +1,23 @@
 """The book's pretrained BERT weights: ``DATA_HUB``, ``download``, ``download_extract`` and
 the fine-tuning chapter's ``load_pretrained_model``.
 
-Differences from d2l, all on the safe side: downloads stream to a ``.part`` file and are
-sha1-checked before they enter the cache (a mismatch raises and leaves nothing behind);
+Differences from d2l, all on the safe side: downloads stream to a ``.part`` file (an
+interrupted one resumes with an HTTP Range request) and are sha1-checked before they enter
+the cache (a mismatch raises and leaves nothing behind); extraction is atomic per folder;
 ``file://`` URLs work (offline mirrors, tests); archives are extracted only inside their
 folder; ``load_pretrained_model`` also takes a local folder or ``.zip`` path.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import tarfile
-import urllib.parse
-import urllib.request
 import zipfile
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
 from .bert import BERTModel
+from .data.download import extract_atomic, fetch, sha1_of
+from .data.paths import fastbert_home
 from .data.vocab import Vocab
 
 __all__ = ["DATA_URL", "DATA_HUB", "default_cache_dir", "sha1_of", "download",
@@ -36,57 +34,18 @@ DATA_HUB: Dict[str, Tuple[str, str]] = {
                    "3c914d17d80b1459be871a5039ac23e752a53cbe"),
 }
 
-_CHUNK = 1 << 20
-
 
 def default_cache_dir() -> str:
-    """``FASTBERT_CACHE`` or ``~/.cache/fastbert`` (the book uses ``../data``)."""
-    return os.environ.get("FASTBERT_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "fastbert")
-
-
-def sha1_of(path: str) -> str:
-    sha1 = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            sha1.update(block)
-    return sha1.hexdigest()
-
-
-def _open_url(url: str):
-    """A readable binary stream for ``url`` (http(s) or file://)."""
-    if urllib.parse.urlparse(url).scheme in ("http", "https"):
-        try:
-            import requests
-        except ImportError:  # plain urllib works too
-            return urllib.request.urlopen(url, timeout=60)
-        r = requests.get(url, stream=True, timeout=60)
-        r.raise_for_status()
-        r.raw.decode_content = True
-        return r.raw
-    return urllib.request.urlopen(url)
+    """The cache root, shared with the data downloads: ``FASTBERT_HOME``, else
+    ``FASTBERT_CACHE`` (the older name), else ``~/.cache/fastbert`` (the book uses
+    ``../data``)."""
+    return fastbert_home()
 
 
 def _fetch(url: str, dest: str, sha1_hash: Optional[str]) -> None:
-    """Stream ``url`` to ``dest`` through ``dest.part``, checking the sha1 on the way."""
-    part = dest + ".part"
-    sha1 = hashlib.sha1()
-    try:
-        try:
-            with _open_url(url) as src, open(part, "wb") as out:
-                for block in iter(lambda: src.read(_CHUNK), b""):
-                    sha1.update(block)
-                    out.write(block)
-        except Exception as e:  # network, HTTP or disk: one clear message
-            raise OSError(f"could not download {url} to {dest}: {type(e).__name__}: {e}") from e
-        if sha1_hash is not None and sha1.hexdigest() != sha1_hash:
-            raise ValueError(f"sha1 mismatch for {url}: expected {sha1_hash}, got "
-                             f"{sha1.hexdigest()}; the download is corrupt or the file changed "
-                             f"(nothing was cached)")
-        os.replace(part, dest)
-    finally:
-        if os.path.exists(part):
-            os.remove(part)
+    """Download ``url`` to ``dest``: resumable through ``dest.part``, sha1-checked before
+    it enters the cache (see :func:`fastbert.data.download.fetch`)."""
+    fetch(url, dest, sha1_hash)
 
 
 def download(name: str, cache_dir: Optional[str] = None) -> str:
@@ -105,28 +64,6 @@ def download(name: str, cache_dir: Optional[str] = None) -> str:
     return fname
 
 
-def _safe_extract(archive: str, dest: str) -> None:
-    dest_real = os.path.realpath(dest)
-
-    def check(member_name: str) -> None:
-        target = os.path.realpath(os.path.join(dest, member_name))
-        if target != dest_real and not target.startswith(dest_real + os.sep):
-            raise ValueError(f"{archive}: member {member_name!r} would extract outside {dest}")
-
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            for m in zf.namelist():
-                check(m)
-            zf.extractall(dest)
-    elif tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as tf:
-            for m in tf.getmembers():
-                check(m.name)
-            tf.extractall(dest)
-    else:
-        raise ValueError(f"{archive} is neither a zip nor a tar archive")
-
-
 def download_extract(name: str, folder: Optional[str] = None,
                      cache_dir: Optional[str] = None) -> str:
     """Download and extract a zip/tar ``DATA_HUB`` entry next to the archive; return
@@ -136,7 +73,7 @@ def download_extract(name: str, folder: Optional[str] = None,
     data_dir, ext = os.path.splitext(fname)
     if ext not in (".zip", ".tar", ".gz"):
         raise ValueError(f"only zip/tar files can be extracted, got {fname}")
-    _safe_extract(fname, base_dir)
+    extract_atomic(fname, base_dir)  # each top-level folder appears complete or not at all
     return os.path.join(base_dir, folder) if folder else data_dir
 
 
@@ -158,12 +95,8 @@ def resolve_pretrained_dir(pretrained_model: str, cache_dir: Optional[str] = Non
         dest = os.path.join(cache_dir or default_cache_dir(), "extracted",
                             sha1_of(pretrained_model))
         if _find_book_folder(dest) is None:
-            tmp = dest + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            _safe_extract(pretrained_model, tmp)
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(tmp, dest)
+            os.makedirs(dest, exist_ok=True)
+            extract_atomic(pretrained_model, dest)
         path = dest
     else:
         raise FileNotFoundError(

@@ -11,7 +11,7 @@ import d2l_book_code as book
 from fastbert.data import (SNLIBERTDataset, find_snli_file, load_snli_split, read_snli,
                            read_snli_official, read_snli_tsv, snli_vocab,
                            truncated_pair_lengths)
-from train_testing import SNLI, SNLI_SAMPLES, need
+from train_testing import SNLI, SNLI_SAMPLES, need, official_snli_text, tsv_rows
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +24,19 @@ def snli_dev():
     return read_snli_tsv(need(os.path.join(SNLI, "snli_1.0_dev.tokenized.tsv.gz")))
 
 
+def _official_files(dest, split_from):
+    """Official-format files in ``dest``: the real samples (full data) or, without them,
+    files written from the packaged TSV's first 10 rows."""
+    for name, split in split_from.items():
+        if SNLI_SAMPLES and os.path.isdir(SNLI_SAMPLES):
+            shutil.copy(os.path.join(SNLI_SAMPLES, f"snli_1.0_{split}.txt"), dest / name)
+        else:
+            (dest / name).write_text(official_snli_text(tsv_rows(split)[:10]))
+
+
 def test_official_reader_matches_book_read_snli(tmp_path):
-    need(SNLI_SAMPLES)
-    # The book reads snli_1.0_{train,test}.txt; the samples stand in for both.
-    shutil.copy(os.path.join(SNLI_SAMPLES, "snli_1.0_test.txt"), tmp_path / "snli_1.0_test.txt")
-    shutil.copy(os.path.join(SNLI_SAMPLES, "snli_1.0_dev.txt"), tmp_path / "snli_1.0_train.txt")
+    # The book reads snli_1.0_{train,test}.txt; test and dev rows stand in for both.
+    _official_files(tmp_path, {"snli_1.0_test.txt": "test", "snli_1.0_train.txt": "dev"})
     for is_train in (True, False):
         assert read_snli(str(tmp_path), is_train) == book.read_snli(str(tmp_path), is_train)
     # A '-' row is dropped (the samples have none: add one).
@@ -41,7 +49,8 @@ def test_official_reader_matches_book_read_snli(tmp_path):
 
 def test_tsv_agrees_with_official_samples(snli_test, snli_dev):
     for split, data in (("test", snli_test), ("dev", snli_dev)):
-        official = read_snli_official(need(os.path.join(SNLI_SAMPLES, f"snli_1.0_{split}.txt")))
+        official = read_snli_official(need(SNLI_SAMPLES and os.path.join(
+            SNLI_SAMPLES, f"snli_1.0_{split}.txt")))
         assert tuple(x[:10] for x in data) == official
 
 
@@ -56,12 +65,15 @@ def test_find_and_load_plain_tsv_and_official_layout(tmp_path, snli_test):
         (tmp_path / "snli_1.0_test.tokenized.tsv").write_bytes(f.read())
     assert load_snli_split(str(tmp_path), "test") == snli_test
     os.makedirs(tmp_path / "zip" / "snli_1.0")
-    shutil.copy(os.path.join(SNLI_SAMPLES, "snli_1.0_dev.txt"),
-                tmp_path / "zip" / "snli_1.0" / "snli_1.0_dev.txt")
+    _official_files(tmp_path / "zip" / "snli_1.0", {"snli_1.0_dev.txt": "dev"})
     assert find_snli_file(str(tmp_path / "zip"), "dev").endswith("snli_1.0/snli_1.0_dev.txt")
-    assert len(load_snli_split(str(tmp_path / "zip"), "dev")[0]) == 10
-    with pytest.raises(FileNotFoundError, match="no SNLI 'train' split"):
+    dev10 = load_snli_split(str(tmp_path / "zip"), "dev")
+    assert len(dev10[0]) == 10
+    assert dev10 == tuple(x[:10] for x in load_snli_split(os.path.dirname(SNLI), "dev"))
+    with pytest.raises(FileNotFoundError, match="no SNLI 'train' split") as e:
         load_snli_split(str(tmp_path), "train")
+    for name in ("--data-dir", "FASTBERT_DATA", "--download"):
+        assert name in str(e.value)
 
 
 @pytest.mark.parametrize("content,match", [

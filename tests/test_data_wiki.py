@@ -14,27 +14,42 @@ FIELDS = ["all_token_ids", "all_segments", "valid_lens", "all_pred_positions",
           "all_mlm_weights", "all_mlm_labels", "nsp_labels"]
 
 
-@pytest.fixture(scope="module")
-def train_lines():
-    with gzip.open(need(os.path.join(WIKI, "wiki.train.tokens.gz")), "rt",
+def _lines(split):
+    with gzip.open(need(os.path.join(WIKI, f"wiki.{split}.tokens.gz")), "rt",
                    encoding="utf-8") as f:
         return f.readlines()
 
 
-def test_read_wiki_matches_book(train_lines):
+@pytest.fixture(scope="module")
+def train_lines():
+    return _lines("train")  # the full data only (FASTBERT_DATA)
+
+
+@pytest.fixture(scope="module")
+def book_lines():
+    """The book's train split when available, else the packaged valid split."""
+    have_train = os.path.isfile(os.path.join(WIKI, "wiki.train.tokens.gz"))
+    return _lines("train" if have_train else "valid")
+
+
+# Paragraphs and sentences of _read_wiki per split (the data README's figures).
+@pytest.mark.parametrize("split,paragraphs,sentences", [("train", 15496, 74631),
+                                                         ("valid", 1673, 7889)])
+def test_read_wiki_matches_book(split, paragraphs, sentences):
+    lines = _lines(split)
     random.seed(7)
-    ref = book._read_wiki_lines(train_lines)
+    ref = book._read_wiki_lines(lines)
     random.seed(7)
-    mine = read_wiki(WIKI)  # the global `random`, as the book
+    mine = read_wiki(WIKI, split)  # the global `random`, as the book
     assert mine == ref
-    assert len(mine) == 15496 and sum(map(len, mine)) == 74631
-    assert read_wiki(WIKI, rng=random.Random(7)) == ref  # a private generator, same stream
+    assert len(mine) == paragraphs and sum(map(len, mine)) == sentences
+    assert read_wiki(WIKI, split, rng=random.Random(7)) == ref  # a private generator
 
 
 @pytest.mark.parametrize("max_len", [64, 20])
-def test_dataset_equals_book(train_lines, max_len):
+def test_dataset_equals_book(book_lines, max_len):
     random.seed(1)
-    paragraphs = book._read_wiki_lines(train_lines)[:1200]
+    paragraphs = book._read_wiki_lines(book_lines)[:1200]
     random.seed(2)
     ref = book._WikiTextDataset(paragraphs, max_len)
     random.seed(2)

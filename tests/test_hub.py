@@ -10,6 +10,7 @@ import torch
 
 from fastbert import BERTModel, hub
 from fastbert.data import Vocab
+from fastbert.data.download import extract_atomic
 
 TOKENS = ["<unk>", "<pad>", "<mask>", "<cls>", "<sep>", "a", "man", "sleeps", "."]
 SIZES = dict(num_hiddens=32, ffn_num_hiddens=48, num_heads=4, num_layers=2, max_len=40)
@@ -46,7 +47,7 @@ def registered(book_zip, tmp_path, monkeypatch):
     model, src, zpath = book_zip
     monkeypatch.setitem(hub.DATA_HUB, "bert.tiny",
                         (zpath.as_uri(), hub.sha1_of(str(zpath))))
-    monkeypatch.setenv("FASTBERT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FASTBERT_HOME", str(tmp_path / "cache"))
     return model, src, zpath
 
 
@@ -81,7 +82,7 @@ def test_load_by_name_through_download(registered, tmp_path):
 
 def test_cache_hit_does_not_fetch(registered, monkeypatch):
     first = hub.download("bert.tiny")
-    monkeypatch.setattr(hub, "_open_url", lambda url: pytest.fail("fetched despite the cache"))
+    monkeypatch.setattr(hub, "_fetch", lambda *a: pytest.fail("fetched despite the cache"))
     assert hub.download("bert.tiny") == first
     # A corrupted cached file is fetched again.
     pathlib.Path(first).write_bytes(b"garbage")
@@ -108,7 +109,7 @@ def test_unreachable_url_is_a_clear_error(registered, monkeypatch, tmp_path):
 
 def test_local_folder_and_zip(book_zip, tmp_path, monkeypatch):
     model, src, zpath = book_zip
-    monkeypatch.setenv("FASTBERT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FASTBERT_HOME", str(tmp_path / "cache"))
     for where in (str(src), str(zpath)):
         bert, vocab = hub.load_pretrained_model(where, dropout=0.1, **SIZES)
         _assert_same(bert, model)
@@ -136,4 +137,5 @@ def test_zip_slip_is_refused(tmp_path):
     with zipfile.ZipFile(bad, "w") as zf:
         zf.writestr("../evil.txt", "x")
     with pytest.raises(ValueError, match="outside"):
-        hub._safe_extract(str(bad), str(tmp_path / "out"))
+        extract_atomic(str(bad), str(tmp_path / "out"))
+    assert not (tmp_path / "evil.txt").exists() and os.listdir(tmp_path / "out") == []

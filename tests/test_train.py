@@ -12,7 +12,8 @@ import torch
 from fastbert.cli import main
 from fastbert.data import load_snli_split, snli_vocab
 from fastbert.train import FinetuneConfig, PretrainConfig, finetune, pretrain
-from train_testing import DATA, REPO, SNLI, TINY, WIKI, need, one_thread  # noqa: F401
+from train_testing import (DATA, REPO, SNLI, TINY, WIKI, WIKI_SPLIT, need,  # noqa: F401
+                           one_thread)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,8 +30,8 @@ def ft(**kw):
 
 def pt(**kw):
     need(WIKI)
-    base = dict(data_dir=DATA, max_paragraphs=200, batch_size=32, max_len=32, progress=False,
-                verbose=False, backend="reference", **TINY)
+    base = dict(data_dir=DATA, split=WIKI_SPLIT, max_paragraphs=200, batch_size=32, max_len=32,
+                progress=False, verbose=False, backend="reference", **TINY)
     base.update(kw)
     return pretrain(PretrainConfig(**base))
 
@@ -168,7 +169,7 @@ def test_cli_finetune_end_to_end(tmp_path):
 
 def test_cli_pretrain_in_process(capsys):
     need(WIKI)
-    assert main(["pretrain", "--data-dir", DATA, "--backend", "reference",
+    assert main(["pretrain", "--data-dir", DATA, "--split", WIKI_SPLIT, "--backend", "reference",
                  "--max-paragraphs", "40", "--max-steps", "2", "--batch-size", "16",
                  "--num-hiddens", "32", "--ffn-num-hiddens", "64", "--max-len", "32",
                  "--no-progress"]) == 0
@@ -178,13 +179,19 @@ def test_cli_pretrain_in_process(capsys):
 
 def test_cli_bad_data_is_a_clear_error(tmp_path, capsys):
     assert main(["finetune", "--data-dir", str(tmp_path)]) == 2
-    assert "no SNLI 'dev' split" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no SNLI 'dev' and 'test' splits found" in err and str(tmp_path) in err
+    for name in ("--data-dir", "FASTBERT_DATA", "--download"):
+        assert name in err, name
     (tmp_path / "snli_1.0_dev.tokenized.tsv").write_text("gold_label\tsentence1\tsentence2\n"
                                                          "neutral\tonly two\n")
     assert main(["finetune", "--data-dir", str(tmp_path)]) == 2
     assert ":2: expected 3 tab-separated columns" in capsys.readouterr().err
     assert main(["pretrain", "--data-dir", str(tmp_path)]) == 2
-    assert "no WikiText-2 'train' file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no WikiText-2 'train' split found" in err
+    for name in ("--data-dir", "FASTBERT_DATA", "--download"):
+        assert name in err, name
 
 
 def test_finetune_from_hugging_face_folder_dispatches_to_hf(tmp_path):

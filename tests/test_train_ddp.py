@@ -8,14 +8,14 @@ import torch
 import torch.multiprocessing as mp
 
 from fastbert.train import FinetuneConfig, PretrainConfig, finetune, pretrain
-from train_testing import DATA, SNLI, TINY, WIKI, need, one_thread  # noqa: F401
+from train_testing import DATA, SNLI, TINY, WIKI, WIKI_SPLIT, need, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FT = dict(data_dir=DATA, max_len=64, progress=False, verbose=False, train_limit=96,
           test_limit=40, batch_size=32, epochs=1, dropout=0.0, lr=1e-3, backend="reference",
           **TINY)
-PT = dict(data_dir=DATA, max_paragraphs=60, batch_size=32, max_len=32, progress=False,
+PT = dict(data_dir=DATA, split=WIKI_SPLIT, max_paragraphs=60, batch_size=32, max_len=32, progress=False,
           verbose=False, max_steps=3, dropout=0.0, backend="reference", **TINY)
 
 # W_k's bias cannot change the attention (softmax ignores a per-query constant), so its

@@ -17,6 +17,7 @@ import torch
 from .vocab import Vocab
 
 __all__ = ["LABELS", "read_snli", "read_snli_official", "read_snli_tsv", "find_snli_file",
+           "snli_file_candidates", "read_snli_file",
            "load_snli_split", "truncated_pair_lengths", "SNLIBERTDataset", "snli_vocab"]
 
 LABELS = {"entailment": 0, "contradiction": 1, "neutral": 2}
@@ -65,8 +66,9 @@ def read_snli(data_dir: str, is_train: bool) -> SNLIData:
     name = "snli_1.0_train.txt" if is_train else "snli_1.0_test.txt"
     path = os.path.join(data_dir, name)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"SNLI file {path} not found (download and extract "
-                                f"https://nlp.stanford.edu/projects/snli/snli_1.0.zip)")
+        from .paths import DataNotFoundError, not_found_hint
+        raise DataNotFoundError(f"SNLI file {path} not found (the extracted snli_1.0.zip).\n"
+                                + not_found_hint("snli"))
     return read_snli_official(path)
 
 
@@ -95,26 +97,35 @@ def read_snli_tsv(path: str) -> SNLIData:
     return premises, hypotheses, labels
 
 
+def snli_file_candidates(data_dir: str, split: str) -> List[str]:
+    """The paths :func:`find_snli_file` tries, in order."""
+    names = [f"snli_1.0_{split}.txt", f"snli_1.0_{split}.tokenized.tsv.gz",
+             f"snli_1.0_{split}.tokenized.tsv", f"snli_1.0_{split}.txt.gz"]
+    return [os.path.join(data_dir, sub, name) for sub in ("", "snli_1.0", "snli")
+            for name in names]
+
+
 def find_snli_file(data_dir: str, split: str) -> str:
     """The file holding ``split`` (train/dev/test) under ``data_dir``: the official
     ``snli_1.0_<split>.txt`` (also inside ``snli_1.0/``) or the tokenized TSV (``.gz`` or
     plain, also inside ``snli/``)."""
-    names = [f"snli_1.0_{split}.txt", f"snli_1.0_{split}.tokenized.tsv.gz",
-             f"snli_1.0_{split}.tokenized.tsv", f"snli_1.0_{split}.txt.gz"]
-    tried = []
-    for sub in ("", "snli_1.0", "snli"):
-        for name in names:
-            path = os.path.join(data_dir, sub, name)
-            tried.append(path)
-            if os.path.isfile(path):
-                return path
-    raise FileNotFoundError(
-        f"no SNLI {split!r} split under {data_dir!r}; looked for: " + ", ".join(tried))
+    for path in snli_file_candidates(data_dir, split):
+        if os.path.isfile(path):
+            return path
+    from .paths import DataNotFoundError, not_found_hint
+    raise DataNotFoundError(
+        f"no SNLI {split!r} split under {data_dir!r} (looked for snli_1.0_{split}.txt or "
+        f"snli_1.0_{split}.tokenized.tsv[.gz] there and in snli_1.0/, snli/).\n"
+        + not_found_hint("snli"))
 
 
 def load_snli_split(data_dir: str, split: str) -> SNLIData:
     """Read one split from ``data_dir`` in whichever supported format is there."""
-    path = find_snli_file(data_dir, split)
+    return read_snli_file(find_snli_file(data_dir, split))
+
+
+def read_snli_file(path: str) -> SNLIData:
+    """One SNLI file, official ``.txt`` or tokenized TSV (told apart by its name)."""
     if ".tokenized.tsv" in os.path.basename(path):
         return read_snli_tsv(path)
     return read_snli_official(path)

@@ -19,32 +19,37 @@ import torch
 
 from .vocab import Vocab
 
-__all__ = ["find_wiki_file", "read_wiki", "get_nsp_data_from_paragraph",
+__all__ = ["find_wiki_file", "wiki_file_candidates", "read_wiki", "get_nsp_data_from_paragraph",
            "get_mlm_data_from_tokens", "pad_bert_inputs", "WikiTextDataset", "load_data_wiki",
            "BERT_RESERVED_TOKENS"]
 
 BERT_RESERVED_TOKENS = ["<pad>", "<mask>", "<cls>", "<sep>"]
 
 
+def wiki_file_candidates(data_dir: str, split: str = "train") -> List[str]:
+    """The paths :func:`find_wiki_file` tries, in order."""
+    return [os.path.join(data_dir, sub, name) for sub in ("", "wikitext-2")
+            for name in (f"wiki.{split}.tokens", f"wiki.{split}.tokens.gz")]
+
+
 def find_wiki_file(data_dir: str, split: str = "train") -> str:
     """``wiki.<split>.tokens`` (or ``.gz``) in ``data_dir`` or its ``wikitext-2/`` folder."""
-    tried = []
-    for sub in ("", "wikitext-2"):
-        for name in (f"wiki.{split}.tokens", f"wiki.{split}.tokens.gz"):
-            path = os.path.join(data_dir, sub, name)
-            tried.append(path)
-            if os.path.isfile(path):
-                return path
-    raise FileNotFoundError(f"no WikiText-2 {split!r} file under {data_dir!r}; looked for: "
-                            + ", ".join(tried))
+    for path in wiki_file_candidates(data_dir, split):
+        if os.path.isfile(path):
+            return path
+    from .paths import DataNotFoundError, not_found_hint
+    raise DataNotFoundError(
+        f"no WikiText-2 {split!r} file under {data_dir!r} (looked for wiki.{split}.tokens[.gz] "
+        f"there and in wikitext-2/).\n" + not_found_hint("wikitext-2"))
 
 
 def read_wiki(data_dir: str, split: str = "train", rng=random,
               max_paragraphs: Optional[int] = None) -> List[List[str]]:
     """The book's ``_read_wiki``: lowercased lines split on ``' . '``, kept when they hold
     at least two sentences, shuffled with ``rng``.  ``max_paragraphs`` keeps the first
-    paragraphs of the file (before shuffling) for quick runs."""
-    path = find_wiki_file(data_dir, split)
+    paragraphs of the file (before shuffling) for quick runs.  ``data_dir`` may also be the
+    ``.tokens[.gz]`` file itself."""
+    path = data_dir if os.path.isfile(data_dir) else find_wiki_file(data_dir, split)
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         lines = f.readlines()
@@ -173,13 +178,17 @@ class WikiTextDataset(torch.utils.data.Dataset):
 
 
 def load_data_wiki(batch_size: int, max_len: int, data_dir: Optional[str] = None,
-                   num_workers: int = 0):
-    """The book's ``load_data_wiki``: a shuffled DataLoader and the vocabulary.  Reads
-    ``data_dir`` (default: the repo's ``../shared/data/wikitext-2``) instead of
-    downloading."""
-    from .paths import default_data_dir
-    data_dir = data_dir or os.path.join(default_data_dir(), "wikitext-2")
-    train_set = WikiTextDataset(read_wiki(data_dir), max_len)
+                   num_workers: int = 0, split: Optional[str] = None):
+    """The book's ``load_data_wiki``: a shuffled DataLoader and the vocabulary.  Reads the
+    ``train`` split from ``data_dir``, else ``FASTBERT_DATA``, the cache or (with a printed
+    note, when no train split is anywhere and no ``split`` was named) the packaged ``valid``
+    split, instead of downloading (see :mod:`fastbert.data.paths`)."""
+    from .paths import locate_wiki
+    source, notice = locate_wiki(split, data_dir)
+    if notice:
+        print(notice)
+    (path,) = source.files.values()
+    train_set = WikiTextDataset(read_wiki(path), max_len)
     loader = torch.utils.data.DataLoader(train_set, batch_size, shuffle=True,
                                          num_workers=num_workers)
     return loader, train_set.vocab

@@ -20,8 +20,9 @@ from torch import nn
 
 from ..bert import BERTClassifier, BERTModel
 from ..data.batching import GlobalBatchSampler, trim_collate
-from ..data.paths import default_data_dir
-from ..data.snli import SNLIBERTDataset, load_snli_split, snli_vocab
+from ..data.download import download_data_once
+from ..data.paths import locate
+from ..data.snli import SNLIBERTDataset, read_snli_file, snli_vocab
 from ..data.vocab import Vocab
 from ..hub import DATA_HUB, infer_bert_config, load_pretrained_model, resolve_pretrained_dir
 from .common import (MetricsLog, RunConfig, Timer, all_reduce_sum, autocast,
@@ -41,7 +42,8 @@ BOOK_SIZES = {"bert.small": dict(num_hiddens=256, ffn_num_hiddens=512, num_heads
 
 @dataclasses.dataclass
 class FinetuneConfig(RunConfig):
-    data_dir: Optional[str] = None        # default: FASTBERT_DATA or <repo>/../shared/data
+    data_dir: Optional[str] = None        # None: FASTBERT_DATA, the cache, the packaged splits
+    download: bool = False                # fetch the full SNLI into the cache first
     train_split: str = "dev"              # the full SNLI train split needs the download
     test_split: str = "test"
     train_limit: Optional[int] = None     # use the first N examples (quick runs)
@@ -188,11 +190,15 @@ def _finetune(cfg: FinetuneConfig, dist) -> Dict[str, Any]:
     main = dist.is_main
     say = print if (main and cfg.verbose) else (lambda *a, **k: None)
     seed_everything(cfg.seed)
-    data_dir = cfg.data_dir or default_data_dir()
-    train_data = _limit(load_snli_split(data_dir, cfg.train_split), cfg.train_limit)
-    test_data = _limit(load_snli_split(data_dir, cfg.test_split), cfg.test_limit)
+    if cfg.download:
+        download_data_once("snli", progress=cfg.progress and main, verbose=main and cfg.verbose)
+    source = locate("snli", [cfg.train_split, cfg.test_split], cfg.data_dir)
+    say(source.describe())
+    train_file, test_file = source.files[cfg.train_split], source.files[cfg.test_split]
+    train_data = _limit(read_snli_file(train_file), cfg.train_limit)
+    test_data = _limit(read_snli_file(test_file), cfg.test_limit)
     if not train_data[0]:
-        raise ValueError(f"the {cfg.train_split!r} split under {data_dir} has no examples")
+        raise ValueError(f"the {cfg.train_split!r} split ({train_file}) has no examples")
     bert, vocab, tokenizer = build_finetune_model(cfg, train_data)
     train_set, test_set = prepare_snli_datasets(cfg, vocab, tokenizer, train_data, test_data,
                                                 verbose=main and cfg.verbose)

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..bert import BERTModel
 from ..data.batching import GlobalBatchSampler, trim_collate
-from ..data.paths import default_data_dir
+from ..data.download import download_data_once
+from ..data.paths import locate_wiki
 from ..data.wiki import WikiTextDataset, read_wiki
 from .common import (MetricsLog, RunConfig, Timer, all_reduce_sum, autocast,
                      find_resume_checkpoint, load_checkpoint,
@@ -33,8 +34,9 @@ __all__ = ["PretrainConfig", "pretrain", "PretrainLoss", "batch_loss_bert"]
 
 @dataclasses.dataclass
 class PretrainConfig(RunConfig):
-    data_dir: Optional[str] = None     # a folder with wiki.train.tokens(.gz) or wikitext-2/
-    split: str = "train"
+    data_dir: Optional[str] = None     # None: FASTBERT_DATA, the cache, the packaged split
+    split: Optional[str] = None        # None: train, else (said so) the packaged valid
+    download: bool = False             # fetch the full WikiText-2 into the cache first
     max_paragraphs: Optional[int] = None
     max_len: int = 64                  # the book's pretraining recipe ...
     num_hiddens: int = 128
@@ -102,11 +104,18 @@ def _pretrain(cfg: PretrainConfig, dist) -> Dict[str, Any]:
     main = dist.is_main
     say = print if (main and cfg.verbose) else (lambda *a, **k: None)
     seed_everything(cfg.seed)
-    data_dir = cfg.data_dir or default_data_dir()
+    if cfg.download:
+        download_data_once("wikitext-2", progress=cfg.progress and main,
+                           verbose=main and cfg.verbose)
+    source, notice = locate_wiki(cfg.split, cfg.data_dir)
+    if notice:
+        say(notice)
+    say(source.describe())
+    (wiki_file,) = source.files.values()
     # The book's pipeline draws from Python's `random`; a seeded private generator makes
     # every rank build the same examples.
     rng = random.Random(cfg.seed)
-    paragraphs = read_wiki(data_dir, cfg.split, rng=rng, max_paragraphs=cfg.max_paragraphs)
+    paragraphs = read_wiki(wiki_file, rng=rng, max_paragraphs=cfg.max_paragraphs)
     train_set = WikiTextDataset(paragraphs, cfg.max_len, rng=rng)
     vocab = train_set.vocab
     if len(train_set) == 0:
