@@ -116,6 +116,9 @@ def fetch(url: str, dest: str, sha1_hash: Optional[str] = None, *,
                 finally:
                     if bar is not None:
                         bar.close()
+                got = os.path.getsize(part)
+                if total is not None and got < total:  # http.client's read() ends quietly
+                    raise http.client.IncompleteRead(b"", total - got)
     except (OSError, http.client.HTTPException, ValueError) as e:
         got = os.path.getsize(part) if os.path.exists(part) else 0
         if not got and os.path.exists(part):
