@@ -185,6 +185,8 @@ def test_cli_bad_data_is_a_clear_error(tmp_path, capsys):
         assert name in err, name
     (tmp_path / "snli_1.0_dev.tokenized.tsv").write_text("gold_label\tsentence1\tsentence2\n"
                                                          "neutral\tonly two\n")
+    (tmp_path / "snli_1.0_test.tokenized.tsv").write_text("gold_label\tsentence1\tsentence2\n"
+                                                          "neutral\ta b\tc d\n")
     assert main(["finetune", "--data-dir", str(tmp_path)]) == 2
     assert ":2: expected 3 tab-separated columns" in capsys.readouterr().err
     assert main(["pretrain", "--data-dir", str(tmp_path)]) == 2
