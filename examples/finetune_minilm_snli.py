@@ -11,7 +11,7 @@ The same run from the command line:
 Caveat: all-MiniLM-L6-v2 was trained (as a sentence-embedding model) on a collection that
 includes SNLI, so its SNLI accuracy is not a clean transfer result: it has seen these kinds of
 pairs (and possibly these sentences) before.  SNLI train is not available offline: this fine-
-tunes on (part of) SNLI dev and evaluates on SNLI test from ../shared/data.
+tunes on (part of) SNLI dev and evaluates on SNLI test (packaged with fastbert, or FASTBERT_DATA).
 """
 from __future__ import annotations
 
