@@ -191,7 +191,8 @@ def locate_wiki(split: Optional[str] = None,
     try:
         return locate("wikitext-2", ["train"]), None
     except DataNotFoundError:
-        src = locate("wikitext-2", ["valid"])  # ships with fastbert, so always found
+        valid = verify_packaged(_find("wikitext-2", PACKAGED_DIR, "valid"))  # always ships
+        src = DataSource("wikitext-2", "packaged", PACKAGED_DIR, {"valid": valid})
         notice = ("note: no WikiText-2 'train' split in FASTBERT_DATA, the cache or the package; "
                   f"pretraining on the 'valid' split from {SOURCE_NAMES[src.source]} instead "
                   "(about 1/10 of train: not the book's run). For the book's run: "
