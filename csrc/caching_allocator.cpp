@@ -8,18 +8,37 @@
 // Adam's sqrt / div and the gradient's zero fill took ~40% of the step.  PyTorch's CPU
 // performance guide recommends tcmalloc/jemalloc through LD_PRELOAD for this; this is the
 // same idea without a preload: freed blocks of at least kMinBytes are kept, by size class,
-// and handed out again.  Smaller blocks are allocated and freed at once, as by c10's default.
+// and handed out again.
+//
+// Nothing installs it when the library loads: fastbert's training entry points (or the user,
+// fastbert.enable_cpu_cache) call enable_cpu_caching_allocator (fastbert/cpu_cache.py).
+//
+// What it touches:
+// - Blocks it does not cache (below kMinBytes, or allocated while paused or at limit 0) come
+//   from the allocator it replaced (c10's default) with that allocator's own deleter: their
+//   free never reaches this file, so they take no lock of ours.
+// - Cached-size blocks carry `release` as deleter; one mutex guards the cache (large blocks
+//   are few per step).
+// - fork(): pthread_atfork handlers hold the mutex across the fork, so a child never inherits
+//   it locked by a thread that does not exist in the child (DataLoader workers fork while
+//   other threads may be freeing tensors).  The child keeps the cache's state (its blocks are
+//   the parent's pages, copy-on-write).
+// - Pause: a process-wide depth (paused while > 0), so pauses nest and several threads can
+//   pause and resume independently.  The pause decides where a block comes from at
+//   allocation; a cached block freed while paused is kept for reuse as usual (a pause in one
+//   thread must not flush the cache another thread is training with).
 //
 // Size classes: 8 per power of two (at most 12.5% slack), so the packed token count varying
 // a little from batch to batch still hits the cache.  The cache holds at most `limit` bytes:
 // a freed block that would exceed it evicts the least recently freed blocks (LRU), so sizes
-// a program stopped using do not keep the cache full.  Thread-safe (one mutex: large blocks are
-// few per step).  The allocator object lives for the whole process (never destroyed), so
-// tensors freed at exit still find it.
+// a program stopped using do not keep the cache full.  The allocator object lives for the
+// whole process (never destroyed), so tensors freed at exit still find it.
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
+
+#include <pthread.h>
 
 #include <atomic>
 #include <cstring>
@@ -39,12 +58,17 @@ size_t size_class(size_t n) {
   return (n + step - 1) / step * step;
 }
 
+// Outside the allocator so a pause taken before the allocator is installed still counts.
+std::atomic<int64_t> g_pause_depth{0};
+
 class CachingCPUAllocator final : public c10::Allocator {
  public:
+  explicit CachingCPUAllocator(c10::Allocator* fallback) : fallback_(fallback) {}
+
   c10::DataPtr allocate(size_t n) override {
-    if (n < kMinBytes || paused_.load(std::memory_order_relaxed)) {  // straight to c10's allocation
-      void* small = c10::alloc_cpu(n);
-      return {small, small, &release, c10::Device(c10::DeviceType::CPU)};
+    if (n < kMinBytes || g_pause_depth.load(std::memory_order_relaxed) > 0 ||
+        limit_.load(std::memory_order_relaxed) == 0) {
+      return fallback_->allocate(n);  // its own deleter: the free never comes back here
     }
     const size_t cls = size_class(n);
     void* p = nullptr;
@@ -69,6 +93,7 @@ class CachingCPUAllocator final : public c10::Allocator {
     return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
+  // raw_deallocate sees blocks of both kinds: `release` tells them apart.
   c10::DeleterFnPtr raw_deleter() const override { return &release; }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
@@ -79,22 +104,32 @@ class CachingCPUAllocator final : public c10::Allocator {
     std::vector<void*> drop;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      limit_ = limit;
-      evict_until(limit_, drop);
+      limit_.store(limit, std::memory_order_relaxed);
+      evict_until(limit, drop);
     }
     for (void* p : drop) c10::free_cpu(p);
   }
 
-  // Paused: allocations bypass the cache and frees release at once (as c10's allocator does);
-  // the blocks cached before stay for when it resumes.
-  void set_paused(bool paused) { paused_.store(paused, std::memory_order_relaxed); }
+  void empty() {
+    std::vector<void*> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      evict_until(0, drop);
+    }
+    for (void* p : drop) c10::free_cpu(p);
+  }
 
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> lock(mu_);
-    return {static_cast<int64_t>(cached_), static_cast<int64_t>(limit_),
+    return {static_cast<int64_t>(cached_), static_cast<int64_t>(limit_.load()),
             static_cast<int64_t>(hits_), static_cast<int64_t>(misses_),
-            static_cast<int64_t>(live_.size()), 1};
+            static_cast<int64_t>(live_.size())};
   }
+
+  // pthread_atfork: the forking thread holds the mutex across fork(), so no other thread
+  // can be inside it at the moment of the fork; both sides release it after.
+  static void before_fork() { instance->mu_.lock(); }
+  static void after_fork() { instance->mu_.unlock(); }
 
   static CachingCPUAllocator* instance;
 
@@ -123,19 +158,21 @@ class CachingCPUAllocator final : public c10::Allocator {
   }
 
   void give_back(void* p) {
-    bool keep = false;
+    bool ours = false, keep = false;
     std::vector<void*> drop;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = live_.find(p);
-      if (it != live_.end()) {  // else a small block: freed below
+      if (it != live_.end()) {
+        ours = true;
         const size_t cls = it->second;
+        const size_t limit = limit_.load(std::memory_order_relaxed);
         live_.erase(it);
-        if (!paused_.load(std::memory_order_relaxed) && cls <= limit_) {
+        if (cls <= limit) {
           // Room for the block just freed, at the expense of the stalest: blocks of sizes a
           // program no longer uses (a data-loading phase, another model) must not crowd the
           // cache out for good.
-          evict_until(limit_ - cls, drop);
+          evict_until(limit - cls, drop);
           free_[cls].push_back(lru_.insert(lru_.end(), Block{cls, p}));
           cached_ += cls;
           keep = true;
@@ -143,45 +180,75 @@ class CachingCPUAllocator final : public c10::Allocator {
       }
     }
     for (void* q : drop) c10::free_cpu(q);
-    if (!keep) c10::free_cpu(p);
+    if (ours) {
+      if (!keep) c10::free_cpu(p);
+    } else {  // a fallback block freed through raw_deallocate
+      c10::DeleterFnPtr d = fallback_->raw_deleter();
+      d != nullptr ? d(p) : c10::free_cpu(p);
+    }
   }
 
+  c10::Allocator* const fallback_;
   std::mutex mu_;
   std::list<Block> lru_;                                  // cached blocks, least recently freed first
   std::unordered_map<size_t, std::vector<LruIt>> free_;   // size class -> its cached blocks, by freeing order
-  std::unordered_map<void*, size_t> live_;                // handed-out block -> size class
-  size_t cached_ = 0, limit_ = 0, hits_ = 0, misses_ = 0;
-  std::atomic<bool> paused_{false};
+  std::unordered_map<void*, size_t> live_;                // handed-out cached-size block -> size class
+  size_t cached_ = 0, hits_ = 0, misses_ = 0;
+  std::atomic<size_t> limit_{0};                          // read without the lock by allocate
 };
 
 CachingCPUAllocator* CachingCPUAllocator::instance = nullptr;
 
 // Install once (higher priority than the default CPU allocator); later calls set the limit.
 void enable_cpu_caching_allocator(int64_t limit_mb) {
-  TORCH_CHECK(limit_mb >= 0, "enable_cpu_caching_allocator: limit_mb must be >= 0");
+  TORCH_CHECK(limit_mb >= 0, "enable_cpu_caching_allocator: limit_mb must be >= 0, got ",
+              limit_mb);
   static std::once_flag once;
   std::call_once(once, [] {
-    CachingCPUAllocator::instance = new CachingCPUAllocator();
+    CachingCPUAllocator::instance = new CachingCPUAllocator(c10::GetCPUAllocator());
+    const int rc = pthread_atfork(&CachingCPUAllocator::before_fork,
+                                  &CachingCPUAllocator::after_fork,
+                                  &CachingCPUAllocator::after_fork);
+    TORCH_CHECK(rc == 0, "enable_cpu_caching_allocator: pthread_atfork failed (", rc, ")");
     c10::SetCPUAllocator(CachingCPUAllocator::instance, /*priority=*/1);
   });
   CachingCPUAllocator::instance->set_limit(static_cast<size_t>(limit_mb) << 20);
 }
 
-// Pause (or resume) the cache; a no-op when it is not installed.
-void pause_cpu_caching_allocator(bool paused) {
-  if (CachingCPUAllocator::instance != nullptr) CachingCPUAllocator::instance->set_paused(paused);
+// Give every cached block back to the system; the limit stays.  A no-op when not installed.
+void empty_cpu_caching_allocator() {
+  if (CachingCPUAllocator::instance != nullptr) CachingCPUAllocator::instance->empty();
 }
 
-// [cached bytes, limit bytes, hits, misses, live blocks, installed]; all zero when not installed.
+// paused=true: one more pause level; paused=false: one fewer (a resume without a pause is an
+// error, not a silent clamp: it would end someone else's pause).
+void pause_cpu_caching_allocator(bool paused) {
+  if (paused) {
+    g_pause_depth.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  int64_t depth = g_pause_depth.load(std::memory_order_relaxed);
+  do {
+    TORCH_CHECK(depth > 0, "pause_cpu_caching_allocator(False): the cache is not paused");
+  } while (!g_pause_depth.compare_exchange_weak(depth, depth - 1, std::memory_order_relaxed));
+}
+
+// [cached bytes, limit bytes, hits, misses, live blocks, installed, pause depth,
+//  torch's CPU allocator is c10's default]; the first five are zero when not installed.
 std::vector<int64_t> cpu_caching_allocator_stats() {
-  if (CachingCPUAllocator::instance == nullptr) return {0, 0, 0, 0, 0, 0};
-  return CachingCPUAllocator::instance->stats();
+  auto* self = CachingCPUAllocator::instance;
+  std::vector<int64_t> s = self ? self->stats() : std::vector<int64_t>(5, 0);
+  s.push_back(self != nullptr && c10::GetCPUAllocator() == self);
+  s.push_back(g_pause_depth.load(std::memory_order_relaxed));
+  s.push_back(c10::GetCPUAllocator() == c10::GetDefaultCPUAllocator());
+  return s;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastbert, m) {
   m.def("enable_cpu_caching_allocator(int limit_mb) -> ()", &enable_cpu_caching_allocator);
+  m.def("empty_cpu_caching_allocator() -> ()", &empty_cpu_caching_allocator);
   m.def("cpu_caching_allocator_stats() -> int[]", &cpu_caching_allocator_stats);
   m.def("pause_cpu_caching_allocator(bool paused) -> ()", &pause_cpu_caching_allocator);
 }

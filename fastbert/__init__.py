@@ -8,7 +8,8 @@ forms live in :mod:`fastbert.v1`.  Hot ops run on the backend chosen by
 """
 from . import backends, cpu_cache, ops
 from .backends import available_backends, get_backend, set_backend, use_backend
-from .cpu_cache import cpu_cache_disabled, cpu_cache_info, empty_cpu_cache, set_cpu_cache_mb
+from .cpu_cache import (cpu_cache_disabled, cpu_cache_info, empty_cpu_cache, enable_cpu_cache,
+                        set_cpu_cache_mb)
 from .bert import (BERTClassifier, BERTEncoder, BERTModel, MaskLM, NextSentencePred,
                    get_tokens_and_segments)
 from .layers import (AddNorm, DotProductAttention, EncoderBlock, MultiHeadAttention,
@@ -24,6 +25,6 @@ __all__ = [
     "get_tokens_and_segments", "AddNorm", "DotProductAttention", "EncoderBlock",
     "MultiHeadAttention", "PositionWiseFFN", "keep_attention_weights", "masked_softmax",
     "transpose_output", "transpose_qkv", "set_backend", "get_backend", "use_backend",
-    "available_backends", "backends", "ops", "cpu_cache", "set_cpu_cache_mb", "empty_cpu_cache",
-    "cpu_cache_disabled", "cpu_cache_info",
+    "available_backends", "backends", "ops", "cpu_cache", "enable_cpu_cache", "set_cpu_cache_mb",
+    "empty_cpu_cache", "cpu_cache_disabled", "cpu_cache_info",
 ]

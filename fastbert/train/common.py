@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from .. import backends
+from .. import backends, cpu_cache
 
 __all__ = ["RunConfig", "DistInfo", "setup_distributed", "cleanup_distributed",
            "seed_everything", "autocast", "make_grad_scaler", "rng_state", "set_rng_state",
@@ -118,7 +118,10 @@ def cpu_threads(n: Optional[int]):
 
 def run_training(cfg, body):
     """Run ``body(cfg, dist)`` with the process group, the backend choice and the thread count
-    of this run set up, and torn down afterwards (the backend choice holds for this run only)."""
+    of this run set up, and torn down afterwards (the backend choice holds for this run only).
+    Training is when fastbert installs its caching CPU allocator (FASTBERT_CPU_CACHE_MB; it
+    stays for the process): ``import fastbert`` alone leaves the allocator alone."""
+    cpu_cache.install_for_training()
     dist = setup_distributed(cfg.device)
     try:
         with (backends.use_backend(cfg.backend) if cfg.backend else contextlib.nullcontext()), \
