@@ -7,7 +7,7 @@ forms live in :mod:`fastbert.v1`.  Hot ops run on the backend chosen by
 :func:`set_backend` / :func:`use_backend` / ``FASTBERT_BACKEND`` (``auto`` by default).
 """
 from . import backends, cpu_cache, ops
-from .backends import available_backends, get_backend, set_backend, use_backend
+from .backends import available_backends, explain, get_backend, set_backend, use_backend
 from .cpu_cache import (cpu_cache_disabled, cpu_cache_info, empty_cpu_cache, enable_cpu_cache,
                         set_cpu_cache_mb)
 from .bert import (BERTClassifier, BERTEncoder, BERTModel, MaskLM, NextSentencePred,
@@ -25,6 +25,6 @@ __all__ = [
     "get_tokens_and_segments", "AddNorm", "DotProductAttention", "EncoderBlock",
     "MultiHeadAttention", "PositionWiseFFN", "keep_attention_weights", "masked_softmax",
     "transpose_output", "transpose_qkv", "set_backend", "get_backend", "use_backend",
-    "available_backends", "backends", "ops", "cpu_cache", "enable_cpu_cache", "set_cpu_cache_mb",
+    "available_backends", "explain", "backends", "ops", "cpu_cache", "enable_cpu_cache", "set_cpu_cache_mb",
     "empty_cpu_cache", "cpu_cache_disabled", "cpu_cache_info",
 ]

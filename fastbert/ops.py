@@ -171,38 +171,75 @@ def embedding_sum(ids: torch.Tensor, token_weight: torch.Tensor, segment_weight:
     return _impl("embedding_sum", token_weight)(ids, token_weight, segment_weight, position_weight)
 
 
-def _check_cu_seqlens(cu_seqlens, device) -> None:
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 \
-            or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise TypeError("cu_seqlens must be a 1-D int32 tensor of B+1 offsets")
-    if cu_seqlens.device != device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the data is on {device}")
+def _check_offsets(name: str, offsets, device, n_rows: int, rows: str,
+                   max_len: Optional[int] = None, max_len_name: str = "max_len") -> None:
+    """``offsets`` (cu_seqlens-like): a 1-D int32 tensor of B+1 entries on ``device`` that
+    starts at 0, never decreases and ends at most at ``n_rows`` (the rows of the data it
+    indexes; fewer is row padding), each sequence at most ``max_len`` long.  Kernels read
+    rows through these offsets, so a bad one would read out of bounds (silently on a GPU).
+
+    O(B): on CPU tensors a ``tolist`` and a Python pass (a few microseconds at B = 64,
+    measured in tests/test_varlen_attention.py); on a GPU ``torch._assert_async`` on one
+    fused condition, which needs no host sync (a bad offset fails at the next sync, as a
+    device-side assert).  Skipped while torch.compile traces (the data-dependent reads would
+    break the graph) and on the meta device."""
+    if not isinstance(offsets, torch.Tensor) or offsets.dtype != torch.int32 \
+            or offsets.dim() != 1 or offsets.numel() < 1:
+        got = (f"{offsets.dtype} of shape {tuple(offsets.shape)}"
+               if isinstance(offsets, torch.Tensor) else type(offsets).__name__)
+        raise TypeError(f"{name} must be a 1-D int32 tensor of B+1 offsets, got {got}")
+    if offsets.device != device:
+        raise ValueError(f"{name} is on {offsets.device} but the data is on {device}")
+    if _compiling() or device.type == "meta":
+        return
+    if device.type != "cpu":
+        _assert_offsets_async(name, offsets, n_rows, rows, max_len, max_len_name)
+        return
+    cu = offsets.tolist()
+    if cu[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {name}[0] = {cu[0]}")
+    lens = [b - a for a, b in zip(cu, cu[1:])]
+    if lens and min(lens) < 0:
+        i = next(i for i, n in enumerate(lens) if n < 0)
+        raise ValueError(f"{name} must be non-decreasing, got {name}[{i}] = {cu[i]} > "
+                         f"{name}[{i + 1}] = {cu[i + 1]}")
+    if cu[-1] > n_rows:
+        raise ValueError(f"{name} must end at most at {rows} = {n_rows} (the data's rows), got "
+                         f"{name}[-1] = {cu[-1]}")
+    if max_len is not None and lens and max(lens) > max_len:
+        raise ValueError(f"{name} holds a sequence of {max(lens)} rows, longer than "
+                         f"{max_len_name} = {max_len}")
+
+
+def _assert_offsets_async(name, offsets, n_rows, rows, max_len, max_len_name) -> None:
+    """The checks of _check_offsets as one device-side condition: no host sync."""
+    lens = offsets[1:] - offsets[:-1]
+    ok = (offsets[0] == 0) & (offsets[-1] <= n_rows)
+    if lens.numel():
+        ok = ok & (lens.min() >= 0)
+        if max_len is not None:
+            ok = ok & (lens.max() <= max_len)
+    torch._assert_async(ok, f"{name} must start at 0, be non-decreasing, end at most at {rows} "
+                            f"= {n_rows} (the data's rows)"
+                        + ("" if max_len is None else f" and hold no sequence longer than "
+                                                      f"{max_len_name} = {max_len}"))
 
 
 def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, L: int) -> torch.Tensor:
     """Inverse of :func:`pack`: ``[B, L, ...]`` with zeros at pad positions."""
     _check_tensor("packed", packed, ndim=None, dtypes=None)
-    _check_cu_seqlens(cu_seqlens, packed.device)
     if not isinstance(L, int) or L < 0:
         raise ValueError(f"L must be a non-negative int, got {L!r}")
+    _check_offsets("cu_seqlens", cu_seqlens, packed.device, packed.shape[0], "packed rows",
+                   max_len=L, max_len_name="L")
     return _impl("unpack", packed)(packed, cu_seqlens, L)
 
 
 def _check_cu_seqlens_q(cu_seqlens_q, cu_seqlens, Tq: int, device) -> None:
-    if not isinstance(cu_seqlens_q, torch.Tensor) or cu_seqlens_q.dtype != torch.int32 \
-            or cu_seqlens_q.dim() != 1:
-        raise TypeError("cu_seqlens_q must be None or a 1-D int32 tensor of B+1 query offsets")
-    if cu_seqlens_q.device != device:
-        raise ValueError(f"cu_seqlens_q is on {cu_seqlens_q.device} but the data is on {device}")
+    _check_offsets("cu_seqlens_q", cu_seqlens_q, device, Tq, "Tq")
     if cu_seqlens_q.shape[0] != cu_seqlens.shape[0]:
         raise ValueError(f"cu_seqlens_q must have B+1 = {cu_seqlens.shape[0]} offsets like "
                          f"cu_seqlens, got {cu_seqlens_q.shape[0]}")
-    if _compiling() or device.type == "meta":
-        return
-    cu = cu_seqlens_q.tolist()
-    if cu[0] != 0 or any(b < a for a, b in zip(cu[:-1], cu[1:])) or cu[-1] > Tq:
-        raise ValueError(f"cu_seqlens_q must start at 0, be non-decreasing and end at most at "
-                         f"Tq = {Tq} (q's rows), got {cu}")
 
 
 # Backends whose varlen_attention kernel takes row-padded q, k, v itself (see below).
@@ -254,8 +291,10 @@ def varlen_attention(q, k, v, cu_seqlens, max_len: int, dropout_p: float = 0.0,
         raise ValueError(f"with cu_seqlens_q, q [Tq, H, D] and k, v [Tk, H, D] must share H, D "
                          f"and dtype, got {tuple(q.shape)} {q.dtype}, {tuple(k.shape)} "
                          f"{k.dtype}, {tuple(v.shape)} {v.dtype}")
-    _check_cu_seqlens(cu_seqlens, q.device)
+    if isinstance(max_len, bool) or not isinstance(max_len, (int, torch.SymInt)) or max_len < 0:
+        raise ValueError(f"max_len must be a non-negative int, got {max_len!r}")
     max_len = int(max_len)
+    _check_offsets("cu_seqlens", cu_seqlens, q.device, k.shape[0], "Tk", max_len=max_len)
     if cu_seqlens_q is not None:
         _check_cu_seqlens_q(cu_seqlens_q, cu_seqlens, q.shape[0], q.device)
     dropout_p = _check_dropout(dropout_p)
