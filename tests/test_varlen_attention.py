@@ -542,3 +542,42 @@ def test_row_padding_bad_offsets():
     q = torch.randn(4, 1, 8)
     with pytest.raises(ValueError, match="at most"):
         ops.varlen_attention(q[:1], q, q, cu_of([2, 2]), 2, cu_seqlens_q=cu_of([1, 2]))
+
+
+@pytest.mark.parametrize("cu,max_len,error,match", [
+    (torch.tensor([1, 3, 6], dtype=torch.int32), 3, ValueError, r"cu_seqlens must start at 0, got cu_seqlens\[0\] = 1"),
+    (torch.tensor([0, 4, 3, 6], dtype=torch.int32), 4, ValueError, r"non-decreasing, got cu_seqlens\[1\] = 4 > cu_seqlens\[2\] = 3"),
+    (torch.tensor([0, 3, 7], dtype=torch.int32), 4, ValueError, r"end at most at Tk = 6.*cu_seqlens\[-1\] = 7"),
+    (torch.tensor([0, 5, 6], dtype=torch.int32), 4, ValueError, r"sequence of 5 rows, longer than max_len = 4"),
+    (torch.tensor([0, 3, 6]), 3, TypeError, r"cu_seqlens must be a 1-D int32 tensor.*torch.int64"),
+    (torch.tensor([[0, 3, 6]], dtype=torch.int32), 3, TypeError, r"cu_seqlens must be a 1-D int32"),
+    (torch.tensor([0, 3, 6], dtype=torch.int32), -1, ValueError, r"max_len must be a non-negative int"),
+])
+def test_cu_seqlens_contents_are_checked(cu, max_len, error, match):
+    """The front door reads the offsets before any backend does (a bad one would read out of
+    bounds; on a GPU silently)."""
+    q = torch.randn(6, 2, 8)
+    with pytest.raises(error, match=match):
+        ops.varlen_attention(q, q, q, cu, max_len)
+
+
+def test_unpack_checks_cu_seqlens_contents():
+    packed = torch.randn(6, 4)
+    with pytest.raises(ValueError, match=r"cu_seqlens must end at most at packed rows = 6"):
+        ops.unpack(packed, torch.tensor([0, 3, 7], dtype=torch.int32), 5)
+    with pytest.raises(ValueError, match=r"longer than L = 2"):
+        ops.unpack(packed, torch.tensor([0, 3, 6], dtype=torch.int32), 2)
+
+
+@pytest.mark.parametrize("cu,max_len", [([1, 3, 6], 3), ([0, 4, 3, 6], 4), ([0, 3, 7], 4),
+                                        ([0, 5, 6], 4)])
+def test_device_offset_check_fails_on_what_the_cpu_check_fails_on(cu, max_len):
+    """The GPU path's single device-side condition (torch._assert_async, no host sync) run
+    on CPU tensors, where it raises at once: it rejects the same offsets."""
+    offsets = torch.tensor(cu, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="cu_seqlens must start at 0, be non-decreasing"):
+        ops._assert_offsets_async("cu_seqlens", offsets, 6, "Tk", max_len, "max_len")
+    ops._assert_offsets_async("cu_seqlens", torch.tensor([0, 3, 6], dtype=torch.int32), 6,
+                              "Tk", 3, "max_len")  # a good one passes
+    ops._assert_offsets_async("cu_seqlens", torch.tensor([0], dtype=torch.int32), 0, "Tk", 0,
+                              "max_len")  # B = 0
