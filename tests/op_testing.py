@@ -57,6 +57,20 @@ def on_backend(backend: str, op: str, device: torch.device, dtype: torch.dtype):
         yield
 
 
+@contextlib.contextmanager
+def ran_on(backend: str, device: torch.device, dtype: torch.dtype, ops=()):
+    """Run a block (a model, a loss: several ops) on ``backend`` and prove it: ``ops`` must
+    be served there (else skip, or fail for a required backend), and every op call the
+    block makes must have resolved to ``backend`` (none fell back), at least one."""
+    for op in ops:
+        require(backend, op, device, dtype)
+    with fastbert.use_backend(backend), backends.dispatch_log() as log:
+        yield log
+    assert log, f"no fastbert op ran in a block meant for the {backend} backend"
+    fell_back = sorted({(op, name) for op, name in log if name != backend})
+    assert not fell_back, f"ops that did not run on {backend}: {fell_back}"
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN (ints: a large sentinel) so an element a kernel forgets to write fails."""
     return t.fill_(float("nan") if t.is_floating_point() else 2**30)

@@ -9,7 +9,7 @@ import torch
 
 import fastbert
 
-from op_testing import FAST_BACKENDS, assert_close, device_for, on_backend
+from op_testing import FAST_BACKENDS, assert_close, device_for, ran_on
 
 VOCAB, HIDDEN, FFN, HEADS, MAX_LEN = 50, 64, 96, 4, 16
 
@@ -55,20 +55,17 @@ def rows_and_grads(fn, bert, weights):
                            if p.grad is not None}
 
 
-def require_path(backend, device, dtype):
-    for op in ("pack", "unpack", "varlen_attention", "add_layernorm", "ffn"):
-        with on_backend(backend, op, device, dtype):
-            pass
+# The unpadded path's ops: the backend under test must serve each (ran_on checks).
+PATH_OPS = ("pack", "unpack", "embedding_sum", "varlen_attention", "add_layernorm", "ffn")
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("layers", [1, 2, 3])
 def test_forward_rows_matches_the_padded_reference(backend, layers):
     device = device_for(backend)
-    require_path(backend, device, torch.float32)
     tokens, segments, vl, positions, weights = make_batch(device)
     bert = make_bert(layers, device=device)
-    with fastbert.use_backend(backend):
+    with ran_on(backend, device, torch.float32, PATH_OPS):
         assert bert.encoder.uses_unpadded(bert.encoder.token_embedding.weight, vl)
         got, got_g = rows_and_grads(
             lambda m: m.encoder.forward_rows(tokens, segments, vl, positions), bert, weights)
@@ -94,11 +91,10 @@ def test_forward_rows_equals_forward_gathered_on_the_same_backend(backend):
     """Same backend, same kernels: the last block for a few rows equals the whole block read
     at those rows, valid_lens None included."""
     device = device_for(backend)
-    require_path(backend, device, torch.float32)
     tokens, segments, vl, positions, _ = make_batch(device)
     bert = make_bert(device=device).eval()
     for lens in (vl, None):
-        with fastbert.use_backend(backend):
+        with ran_on(backend, device, torch.float32, PATH_OPS):
             full = bert.encoder(tokens, segments, lens)
             rows = bert.encoder.forward_rows(tokens, segments, lens, positions)
         want = full[torch.arange(5, device=device)[:, None], positions]
@@ -123,7 +119,6 @@ def test_classifier_matches_the_reference(backend):
     """BERTClassifier runs the last block for <cls> only; logits and gradients equal the
     padded reference's."""
     device = device_for(backend)
-    require_path(backend, device, torch.float32)
     tokens, segments, vl, _, _ = make_batch(device)
     vl = vl.clamp(min=1)  # <cls> of an empty sequence differs by design (pads are zeros)
     w = torch.randn(5, 3, generator=torch.Generator().manual_seed(0)).to(device)
@@ -133,7 +128,8 @@ def test_classifier_matches_the_reference(backend):
         net = fastbert.BERTClassifier(make_bert(dtype=dtype, device=device)).to(device, dtype)
         torch.manual_seed(1)
         net.output.reset_parameters()
-        with fastbert.use_backend(be):
+        with (ran_on(be, device, dtype, PATH_OPS) if name == "got" else
+              fastbert.use_backend(be)):
             out = net((tokens, segments, vl.float()))  # the book stores lengths as floats
             (out.double() * w.double()).sum().backward()
         results[name] = out.detach(), {n: p.grad for n, p in net.named_parameters()
@@ -151,11 +147,10 @@ def test_classifier_matches_the_reference(backend):
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_compile_fullgraph(backend):
     device = device_for(backend)
-    require_path(backend, device, torch.float32)
     tokens, segments, vl, positions, weights = make_batch(device)
     bert = make_bert(device=device)
     compiled_bert = copy.deepcopy(bert)
-    with fastbert.use_backend(backend):
+    with ran_on(backend, device, torch.float32, PATH_OPS):
         eager, eager_g = rows_and_grads(
             lambda m: m.encoder.forward_rows(tokens, segments, vl, positions), bert, weights)
         torch._dynamo.reset()
@@ -171,10 +166,10 @@ def test_compile_fullgraph(backend):
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_bf16_autocast(backend):
     device = device_for(backend)
-    require_path(backend, device, torch.bfloat16)
     tokens, segments, vl, positions, weights = make_batch(device)
     bert = make_bert(device=device)
-    with fastbert.use_backend(backend), torch.autocast(device.type, dtype=torch.bfloat16):
+    with ran_on(backend, device, torch.bfloat16, PATH_OPS), \
+            torch.autocast(device.type, dtype=torch.bfloat16):
         got, got_g = rows_and_grads(
             lambda m: m.encoder.forward_rows(tokens, segments, vl, positions), bert, weights)
     with torch.autocast(device.type, dtype=torch.bfloat16):

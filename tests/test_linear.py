@@ -184,8 +184,9 @@ for M, K, N in ((300, 48, 256), (700, 256, 40)):  # 700 rows: three 256-row dW c
                 return torch.autograd.grad(out, ps[:3], g)
             out = impl.ffn(*ps, "relu")
             return torch.autograd.grad(out, ps, dy.to(dtype))
-        with fastbert.use_backend("cpp"):
+        with fastbert.use_backend("cpp"), fastbert.backends.dispatch_log() as log:
             got = run(ops, torch.float32)
+        assert log == [(fn, "cpp")], log  # the kernel ran, not a fallback
         want = run(reference, torch.float64)
         for g, r in zip(got, want):
             err = (g.double() - r).abs().max().item()

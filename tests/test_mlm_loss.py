@@ -15,7 +15,8 @@ from torch import nn
 import fastbert
 from fastbert import backends, ops
 from fastbert.losses import bert_pretrain_loss
-from op_testing import ATOL, FAST_BACKENDS, assert_close, device_for, dtypes_for, on_backend, require
+from op_testing import (ATOL, FAST_BACKENDS, assert_close, device_for, dtypes_for, on_backend,
+                        ran_on, require)
 
 GLUE = {"cpp": "fastbert.backends.cpp.mlm_loss", "triton": "fastbert.backends.triton.mlm_loss"}
 
@@ -421,14 +422,23 @@ def d2l_get_batch_loss_bert(net, loss, vocab_size, tokens_X, segments_X, valid_l
     return mlm_l, nsp_l, l
 
 
+# The ops the book-compatible loss runs on a fast backend: the unpadded model, and the full
+# MaskLM head (no fused mlm_loss: the book's formula needs every slot's logits).
+BOOK_PATH_OPS = ("pack", "unpack", "embedding_sum", "varlen_attention", "add_layernorm", "ffn")
+
+
 @pytest.mark.parametrize("backend", ("reference",) + FAST_BACKENDS)
 def test_book_compatible_is_the_books_formula(backend):
-    if backend != "reference":
-        require(backend, "mlm_loss", torch.device("cpu"), torch.float32)
+    device = torch.device("cpu")
     net, batch = small_bert(), pretrain_batch()
-    with fastbert.use_backend(backend):
+    block = (fastbert.use_backend("reference") if backend == "reference"
+             else ran_on(backend, device, torch.float32, BOOK_PATH_OPS))
+    with block as log:
         ours = bert_pretrain_loss(net, V_SMALL, *batch, book_compatible=True)
         book = d2l_get_batch_loss_bert(net, nn.CrossEntropyLoss(), V_SMALL, *batch)
+    if backend != "reference":
+        ran = {op for op, _ in log}
+        assert "mlm_loss" not in ran and "varlen_attention" in ran, ran
     for a, b in zip(ours, book):
         assert torch.equal(a, b)
     # The book's MLM loss is the plain mean over all slots, padding included.
@@ -471,8 +481,6 @@ def unfused_real_slot_loss(net, batch):
 def test_default_loss_is_the_real_slot_mean(backend, unpadded):
     """bert_pretrain_loss (fused head) vs the unfused formula on the full MaskLM output,
     losses and every parameter's gradient, with the padded and the unpadded encoder."""
-    if backend != "reference":
-        require(backend, "mlm_loss", device_for(backend), torch.float32)
     batch = pretrain_batch()
 
     def losses_and_grads(net, fn):
@@ -487,7 +495,8 @@ def test_default_loss_is_the_real_slot_mean(backend, unpadded):
         ref64 = losses_and_grads(net64, lambda n: unfused_real_slot_loss(n, batch))
         ref32 = losses_and_grads(small_bert(unpadded=unpadded),
                                  lambda n: unfused_real_slot_loss(n, batch))
-    with fastbert.use_backend(backend):
+    with (fastbert.use_backend("reference") if backend == "reference" else
+          ran_on(backend, torch.device("cpu"), torch.float32, ("mlm_loss",))):
         ours = losses_and_grads(small_bert(unpadded=unpadded),
                                 lambda n: bert_pretrain_loss(n, V_SMALL, *batch))
     for a, b, c in zip(ours[0], ref64[0], ref32[0]):
@@ -515,3 +524,76 @@ def test_bert_pretrain_loss_rejects_a_foreign_head():
         bert_pretrain_loss(net, V_SMALL, *batch)
     with pytest.raises(ValueError, match="vocab_size"):
         bert_pretrain_loss(small_bert(), V_SMALL + 1, *batch)
+
+
+# ----------------------------------------------------------------------------- cpp threading
+@pytest.mark.parametrize("two_ops", (False, True), ids=("fused_fwd_bwd", "fwd_then_bwd_op"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_cpp_more_threads_than_cores(dtype, two_ops):
+    """8 threads (more than this machine's cores), more vocab pieces than threads and more
+    real slots than one 256-slot slab: the fused op's one-slab-per-thread dH buffers and their
+    reduction, and the separate backward's capped buffers, against the float64 reference."""
+    require("cpp", "mlm_loss", torch.device("cpu"), dtype)
+    inputs = make_inputs(90, 8, 16, 13, 301, 5, kind="weighted", seed=5)
+    assert int((inputs[2] > 0).sum()) > 256
+    loss64, grads64 = reference(inputs, torch.float64, torch.device("cpu"))
+    loss_lp, grads_lp = reference(inputs, dtype, torch.device("cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        if two_ops:
+            X, positions, weights, labels, params = inputs
+            X = X.detach().to(dtype).requires_grad_()
+            params = [p.detach().to(dtype).requires_grad_() for p in params]
+            loss = torch.ops.fastbert.mlm_loss(X, positions, weights, labels, *params, 1e-5,
+                                               16)[0]
+            grads = torch.autograd.grad(loss, [X] + params)
+        else:
+            with on_backend("cpp", "mlm_loss", torch.device("cpu"), dtype), \
+                    vocab_chunk("cpp", 16):
+                loss, grads = run(inputs, dtype, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert_close(loss, loss64, loss_lp, atol=ATOL[dtype], name="loss")
+    for name, g, g64, g_lp in zip(GRAD_NAMES, grads, grads64, grads_lp):
+        assert_close(g, g64, g_lp, name=name)
+
+
+THROW_IN_REGION = r"""
+import torch
+import fastbert
+from fastbert import ops
+torch.manual_seed(0)
+torch.set_num_threads(4)
+X = torch.randn(20, 8, 16, requires_grad=True)
+positions = torch.randint(0, 8, (20, 5))
+weights = torch.ones(20, 5)
+labels = torch.randint(0, 101, (20, 5))
+params = [torch.randn(16, 16, requires_grad=True), torch.zeros(16, requires_grad=True),
+          torch.ones(16, requires_grad=True), torch.zeros(16, requires_grad=True),
+          torch.randn(101, 16, requires_grad=True), torch.zeros(101, requires_grad=True)]
+with fastbert.use_backend("cpp"), fastbert.backends.dispatch_log() as log:
+    try:
+        ops.mlm_loss(X, positions, weights, labels, *params)
+    except RuntimeError as exc:
+        assert "failure injected in thread" in str(exc), exc
+        print("raised", log)
+    else:
+        raise SystemExit("no error")
+"""
+
+
+def test_cpp_exception_inside_the_parallel_region_is_a_python_error():
+    """An exception thrown by one thread inside the fused op's OpenMP region (the test hook
+    FASTBERT_TEST_MLM_LOSS_THROW_IN_REGION makes the last thread throw between two barriers)
+    comes back as a RuntimeError: no abort, no deadlock.  In a subprocess, so that a crash
+    fails this test instead of killing pytest."""
+    require("cpp", "mlm_loss", torch.device("cpu"), torch.float32)
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "FASTBERT_TEST_MLM_LOSS_THROW_IN_REGION": "1"}
+    out = subprocess.run([sys.executable, "-c", THROW_IN_REGION], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
+    assert "raised [('mlm_loss', 'cpp')]" in out.stdout, out.stdout

@@ -10,7 +10,7 @@ import torch
 
 import fastbert
 
-from op_testing import FAST_BACKENDS, assert_close, device_for, on_backend
+from op_testing import FAST_BACKENDS, assert_close, device_for, ran_on
 
 VOCAB, HIDDEN, FFN, HEADS, LAYERS, MAX_LEN = 50, 128, 256, 2, 2, 16
 ACTIVATIONS = ["relu", "gelu"]
@@ -68,21 +68,17 @@ def run_reference(activation, device, dtype):
         return run(model, make_batch(device))
 
 
-def require_unpadded(backend, device, dtype):
-    """The model runs unpadded on this backend: every op of the path is a real kernel."""
-    for op in ("pack", "unpack", "varlen_attention", "add_layernorm", "ffn"):
-        with on_backend(backend, op, device, dtype):
-            pass
+# The unpadded path's ops: the backend under test must serve each (ran_on checks).
+UNPADDED_OPS = ("pack", "unpack", "embedding_sum", "varlen_attention", "add_layernorm", "ffn")
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_unpadded_model_matches_padded_reference(backend, activation):
     device = device_for(backend)
-    require_unpadded(backend, device, torch.float32)
     batch = make_batch(device)
     model = make_model(activation, device=device)
-    with fastbert.use_backend(backend):
+    with ran_on(backend, device, torch.float32, UNPADDED_OPS):
         assert model.encoder.uses_unpadded(torch.zeros(1, device=device), batch[2])
         got = run(model, batch)
     want64 = run_reference(activation, device, torch.float64)
@@ -104,11 +100,10 @@ def test_unpadded_model_matches_padded_reference(backend, activation):
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_compile_fullgraph_forward_backward(backend):
     device = device_for(backend)
-    require_unpadded(backend, device, torch.float32)
     batch = make_batch(device)
     model = make_model(device=device)
     compiled_model = copy.deepcopy(model)
-    with fastbert.use_backend(backend):
+    with ran_on(backend, device, torch.float32, UNPADDED_OPS):
         eager = run(model, batch)
         torch._dynamo.reset()
         step = torch.compile(lambda *b: loss_fn(compiled_model, *b)[0], fullgraph=True)
@@ -125,10 +120,10 @@ def test_bf16_autocast(backend):
     """Under bf16 autocast the unpadded model errs no more than twice what the padded
     reference errs under the same autocast (both against float64)."""
     device = device_for(backend)
-    require_unpadded(backend, device, torch.bfloat16)
     batch = make_batch(device)
     model = make_model(device=device)
-    with fastbert.use_backend(backend), torch.autocast(device.type, dtype=torch.bfloat16):
+    with ran_on(backend, device, torch.bfloat16, UNPADDED_OPS), \
+            torch.autocast(device.type, dtype=torch.bfloat16):
         got = run(model, batch)
     ref_model = make_model(device=device)
     with fastbert.use_backend("reference"), torch.autocast(device.type, dtype=torch.bfloat16):

@@ -35,6 +35,9 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <exception>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -312,6 +315,9 @@ Tensor tiled_lse(const Operands<T>& o) {
   return m + at::log((sums * at::exp(maxs - m)).sum(0));
 }
 
+// The most the separate backward's per-thread dH buffers may take together.
+constexpr int64_t kBackwardBufferBytes = int64_t(256) << 20;
+
 // The softmax part of the vocab projection's backward, all acc_t: dHn [S, C'] with
 // dHn_i = p_coef_i * softmax_i @ w2, dW2 [V, C'] (a transposed view) = sum_i p_coef_i *
 // softmax_i^T Hn_i, db2 [V] = sum_i p_coef_i * softmax_i.
@@ -323,12 +329,17 @@ std::tuple<Tensor, Tensor, Tensor> tiled_softmax_grads(const Operands<T>& o, con
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const auto dt = c10::CppTypeToScalarType<T>::value;
   const int64_t S = o.S, V = o.V, K = o.K, Cp = w2.size(1), chunk = o.chunk;
-  const int64_t nt = at::get_num_threads();
-  const int64_t Sp = pad_k<T>(S);
+  const int64_t Sp = pad_k<T>(S), np = n_pieces(V, chunk);
+  // One [S, K] dH buffer per chunk of pieces, as many as the threads, the pieces and
+  // kBackwardBufferBytes allow (one buffer per core would take GBs on a 64-core server at
+  // the book's slot counts); fewer buffers mean fewer threads here.
+  const int64_t n_buf = std::clamp<int64_t>(
+      kBackwardBufferBytes / std::max<int64_t>(1, S * K * int64_t(sizeof(acc_t))), 1,
+      std::min<int64_t>(at::get_num_threads(), np));
   // B of dH: w2 [V, K] (bf16: VNNI, V padded to even); A of dW2^T: Hn^T [K, Sp].
   const Tensor w2b = as_b_operand<T>(as_a_operand(w2.to(dt), K));
   const Tensor HnT = as_a_operand(o.Hn.t(), Sp);
-  Tensor dH = at::zeros({nt, S, K}, at::TensorOptions().dtype(acc));
+  Tensor dH = at::zeros({n_buf, S, K}, at::TensorOptions().dtype(acc));
   Tensor dW2t = at::empty({K, V}, at::TensorOptions().dtype(acc));
   Tensor db2 = at::zeros({V}, at::TensorOptions().dtype(acc));
   const Tensor lse = lse_.contiguous(), pc = pc_.contiguous();
@@ -339,38 +350,41 @@ std::tuple<Tensor, Tensor, Tensor> tiled_softmax_grads(const Operands<T>& o, con
   const acc_t* b2 = o.b2.template const_data_ptr<acc_t>();
   const acc_t* lse_p = lse.const_data_ptr<acc_t>();
   const acc_t* pc_p = pc.const_data_ptr<acc_t>();
-  at::parallel_for(0, n_pieces(V, chunk), 1, [&](int64_t p0, int64_t p1) {
-    const int64_t t = at::get_thread_num();
-    acc_t* dh = dH.data_ptr<acc_t>() + t * S * K;
+  // Buffer b takes pieces [np * b / n_buf, np * (b + 1) / n_buf): one thread each.
+  at::parallel_for(0, n_buf, 1, [&](int64_t b0, int64_t b1) {
     acc_t* dw = dW2t.data_ptr<acc_t>();
     acc_t* db = db2.data_ptr<acc_t>();
     const int64_t ld_max = pad_k<T>(chunk);
     std::vector<acc_t> tile(kRowBlock * ld_max, acc_t(0));
     std::vector<T> plain(kVnni<T> ? kRowBlock * ld_max : 0);
     std::vector<T> vnni(kVnni<T> ? (kRowBlock + 1) * ld_max : 0);
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t v0 = p * chunk, n = std::min(chunk, V - v0), ld = pad_k<T>(n);
-      for (int64_t s0 = 0; s0 < S; s0 += kRowBlock) {
-        const int64_t sb = std::min(kRowBlock, S - s0);
-        tile_gemm(sb, n, K, K, chunk, ld, false, Hn + s0 * K, w2t + p * K * chunk,
-                  tile.data());
-        for (int64_t i = 0; i < sb; ++i) {
-          acc_t* row = tile.data() + i * ld;
-          scaled_softmax_row(row, b2 + v0, lse_p[s0 + i], pc_p[s0 + i], db + v0, n);
-          if (ld > n) row[n] = 0;  // the VNNI pad column takes no part
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t p0 = np * b / n_buf, p1 = np * (b + 1) / n_buf;
+      acc_t* dh = dH.data_ptr<acc_t>() + b * S * K;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t v0 = p * chunk, n = std::min(chunk, V - v0), ld = pad_k<T>(n);
+        for (int64_t s0 = 0; s0 < S; s0 += kRowBlock) {
+          const int64_t sb = std::min(kRowBlock, S - s0);
+          tile_gemm(sb, n, K, K, chunk, ld, false, Hn + s0 * K, w2t + p * K * chunk,
+                    tile.data());
+          for (int64_t i = 0; i < sb; ++i) {
+            acc_t* row = tile.data() + i * ld;
+            scaled_softmax_row(row, b2 + v0, lse_p[s0 + i], pc_p[s0 + i], db + v0, n);
+            if (ld > n) row[n] = 0;  // the VNNI pad column takes no part
+          }
+          const T* dl_a = nullptr;
+          const T* dl_b = nullptr;
+          if constexpr (kVnni<T>) {
+            tile_to_bf16(tile.data(), sb, ld, plain.data(), vnni.data());
+            dl_a = plain.data();
+            dl_b = vnni.data();
+          } else {
+            dl_a = dl_b = tile.data();
+          }
+          // dH[s0:s0+sb] += dl [sb, ld] @ w2[v0:v0+ld];  dW2^T[:, v0:v0+n] (+)= Hn^T @ dl.
+          tile_gemm(sb, K, ld, ld, K, K, true, dl_a, w2p + v0 * K, dh + s0 * K);
+          tile_gemm(K, n, pad_k<T>(sb), Sp, ld, V, s0 > 0, hnt + s0, dl_b, dw + v0);
         }
-        const T* dl_a = nullptr;
-        const T* dl_b = nullptr;
-        if constexpr (kVnni<T>) {
-          tile_to_bf16(tile.data(), sb, ld, plain.data(), vnni.data());
-          dl_a = plain.data();
-          dl_b = vnni.data();
-        } else {
-          dl_a = dl_b = tile.data();
-        }
-        // dH[s0:s0+sb] += dl [sb, ld] @ w2[v0:v0+ld];  dW2^T[:, v0:v0+n] (+)= Hn^T @ dl.
-        tile_gemm(sb, K, ld, ld, K, K, true, dl_a, w2p + v0 * K, dh + s0 * K);
-        tile_gemm(K, n, pad_k<T>(sb), Sp, ld, V, s0 > 0, hnt + s0, dl_b, dw + v0);
       }
     }
     if (!std::is_same_v<T, double>) at::native::cpublas::brgemm_release(kVnni<T>);
@@ -390,8 +404,18 @@ constexpr int64_t kSlab = 256;
 // passes instead of the 4 of forward + backward): for each slab of kSlab slots, each thread
 // computes the logits of its vocab pieces into its slab and folds them into partial
 // (max, sum); after a barrier every thread merges the partials into the slab's lse, then turns
-// its pieces into coef * softmax in place and feeds dH and dW2^T.  Returns (lse [S], dHn
-// [S, C'], dW2 [V, C'] (a transposed view), db2 [V]), all acc_t.
+// its pieces into coef * softmax in place and feeds its own [kSlab, K] dH buffer and dW2^T;
+// after a third barrier each thread sums the buffers' rows of its share of the slab into dH
+// (fixed thread order: deterministic) and zeroes them for the next slab.  The per-thread
+// buffers are one slab tall (not [S, K] each, which at 64 threads and the book's slot counts
+// would be GBs), and there are at most as many threads as vocab pieces (a thread without a
+// piece would only hold empty buffers).  Returns (lse [S], dHn [S, C'], dW2 [V, C'] (a
+// transposed view), db2 [V]), all acc_t.
+//
+// An exception must not leave an OpenMP region (std::terminate): each thread runs its work
+// through `guarded`, which records the first exception and makes every thread skip the rest
+// of the work while still passing every barrier (a thread that left early would deadlock
+// the others); it is rethrown after the region.
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> fused_lse_and_grads(const Operands<T>& o,
                                                                 const Tensor& w2,
@@ -400,14 +424,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_lse_and_grads(const Operands<T>
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const auto dt = c10::CppTypeToScalarType<T>::value;
   const int64_t S = o.S, V = o.V, K = o.K, Cp = w2.size(1), chunk = o.chunk;
+  const int64_t np = (V + chunk - 1) / chunk, Sp = pad_k<T>(S), ld_max = pad_k<T>(chunk);
   // fp64 tiles call at::mm, which does not belong inside an OpenMP region: one thread.
-  const int nt = std::is_same_v<T, double> ? 1 : static_cast<int>(at::get_num_threads());
-  const int64_t Sp = pad_k<T>(S), np = (V + chunk - 1) / chunk, ld_max = pad_k<T>(chunk);
+  const int nt = std::is_same_v<T, double>
+                     ? 1
+                     : static_cast<int>(std::max<int64_t>(
+                           1, std::min<int64_t>(at::get_num_threads(), np)));
+  // Test hook (tests/test_mlm_loss.py): the last thread throws inside the region.
+  const bool inject_failure = std::getenv("FASTBERT_TEST_MLM_LOSS_THROW_IN_REGION") != nullptr;
   const Tensor w2b = as_b_operand<T>(as_a_operand(w2.to(dt), K));
   const Tensor HnT = as_a_operand(o.Hn.t(), Sp);
   const auto opt = at::TensorOptions().dtype(acc);
   Tensor lse = at::empty({S}, opt);
-  Tensor dH = at::zeros({nt, S, K}, opt);
+  Tensor dH = at::empty({S, K}, opt);                   // every row written by one reducer
+  Tensor dh_bufs = at::zeros({nt, kSlab, K}, opt);      // zeroed again by the reducers
   Tensor dW2t = at::zeros({K, V}, opt);
   Tensor db2 = at::zeros({V}, opt);
   Tensor part_max = at::empty({nt, kSlab}, opt), part_sum = at::empty({nt, kSlab}, opt);
@@ -419,68 +449,112 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_lse_and_grads(const Operands<T>
   const acc_t* b2 = o.b2.template const_data_ptr<acc_t>();
   const acc_t* cf = coef.const_data_ptr<acc_t>();
   acc_t* lse_p = lse.data_ptr<acc_t>();
+  acc_t* dh_out = dH.data_ptr<acc_t>();
+  acc_t* bufs = dh_bufs.data_ptr<acc_t>();
   acc_t* pmax = part_max.data_ptr<acc_t>();
   acc_t* psum = part_sum.data_ptr<acc_t>();
   acc_t* dw = dW2t.data_ptr<acc_t>();
   acc_t* db = db2.data_ptr<acc_t>();
+  std::exception_ptr first_error;
+  std::atomic<bool> failed{false};
+  auto guarded = [&](auto&& work) {
+    if (failed.load(std::memory_order_relaxed)) return;
+    try {
+      work();
+    } catch (...) {
+#pragma omp critical(fastbert_mlm_loss_error)
+      if (!first_error) first_error = std::current_exception();
+      failed.store(true, std::memory_order_relaxed);
+    }
+  };
 #pragma omp parallel num_threads(nt)
   {
     const int t = nt == 1 ? 0 : omp_get_thread_num();
     const int nth = nt == 1 ? 1 : omp_get_num_threads();
     // A static split of the pieces: results do not depend on timing.
     const int64_t p0 = np * t / nth, p1 = np * (t + 1) / nth;
-    std::vector<acc_t> slab(std::max<int64_t>(p1 - p0, 1) * kSlab * ld_max, acc_t(0));
-    std::vector<T> plain(kVnni<T> ? kSlab * ld_max : 0);
-    std::vector<T> vnni(kVnni<T> ? (kSlab + 1) * ld_max : 0);
-    std::vector<acc_t> my_lse(kSlab);
-    acc_t* dh = dH.data_ptr<acc_t>() + t * S * K;
+    std::vector<acc_t> slab;
+    std::vector<T> plain, vnni;
+    std::vector<acc_t> my_lse;
+    guarded([&] {
+      slab.assign((p1 - p0) * kSlab * ld_max, acc_t(0));
+      plain.resize(kVnni<T> && p1 > p0 ? kSlab * ld_max : 0);
+      vnni.resize(kVnni<T> && p1 > p0 ? (kSlab + 1) * ld_max : 0);
+      my_lse.resize(kSlab);
+    });
+    acc_t* dh = bufs + t * kSlab * K;
+    acc_t* run_max = pmax + t * kSlab;
+    acc_t* run_sum = psum + t * kSlab;
     for (int64_t s0 = 0; s0 < S; s0 += kSlab) {
       const int64_t sb = std::min(kSlab, S - s0);
-      acc_t* run_max = pmax + t * kSlab;
-      acc_t* run_sum = psum + t * kSlab;
-      std::fill(run_max, run_max + sb, -std::numeric_limits<acc_t>::infinity());
-      std::fill(run_sum, run_sum + sb, acc_t(0));
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t v0 = p * chunk, n = std::min(chunk, V - v0), ld = pad_k<T>(n);
-        acc_t* tile = slab.data() + (p - p0) * kSlab * ld_max;
-        tile_gemm(sb, n, K, K, chunk, ld, false, Hn + s0 * K, w2t + p * K * chunk, tile);
-        for (int64_t i = 0; i < sb; ++i)
-          fold_row(tile + i * ld, b2 + v0, n, run_max[i], run_sum[i]);
-      }
+      guarded([&] {
+        std::fill(run_max, run_max + sb, -std::numeric_limits<acc_t>::infinity());
+        std::fill(run_sum, run_sum + sb, acc_t(0));
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t v0 = p * chunk, n = std::min(chunk, V - v0), ld = pad_k<T>(n);
+          acc_t* tile = slab.data() + (p - p0) * kSlab * ld_max;
+          tile_gemm(sb, n, K, K, chunk, ld, false, Hn + s0 * K, w2t + p * K * chunk, tile);
+          for (int64_t i = 0; i < sb; ++i)
+            fold_row(tile + i * ld, b2 + v0, n, run_max[i], run_sum[i]);
+        }
+      });
 #pragma omp barrier
-      for (int64_t i = 0; i < sb; ++i) {
-        acc_t m = -std::numeric_limits<acc_t>::infinity(), sum = 0;
-        for (int u = 0; u < nth; ++u) m = std::max(m, pmax[u * kSlab + i]);
-        for (int u = 0; u < nth; ++u)
-          sum += psum[u * kSlab + i] * std::exp(pmax[u * kSlab + i] - m);
-        my_lse[i] = m + std::log(sum);
-      }
-      if (t == 0) std::copy(my_lse.begin(), my_lse.begin() + sb, lse_p + s0);
-#pragma omp barrier
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t v0 = p * chunk, n = std::min(chunk, V - v0), ld = pad_k<T>(n);
-        acc_t* tile = slab.data() + (p - p0) * kSlab * ld_max;
+      guarded([&] {
         for (int64_t i = 0; i < sb; ++i) {
-          acc_t* row = tile + i * ld;
-          scaled_softmax_row(row, b2 + v0, my_lse[i], cf[s0 + i], db + v0, n);
-          if (ld > n) row[n] = 0;  // the VNNI pad column takes no part
+          acc_t m = -std::numeric_limits<acc_t>::infinity(), sum = 0;
+          for (int u = 0; u < nth; ++u) m = std::max(m, pmax[u * kSlab + i]);
+          for (int u = 0; u < nth; ++u)
+            sum += psum[u * kSlab + i] * std::exp(pmax[u * kSlab + i] - m);
+          my_lse[i] = m + std::log(sum);
         }
-        const T* dl_a = nullptr;
-        const T* dl_b = nullptr;
-        if constexpr (kVnni<T>) {
-          tile_to_bf16(tile, sb, ld, plain.data(), vnni.data());
-          dl_a = plain.data();
-          dl_b = vnni.data();
-        } else {
-          dl_a = dl_b = tile;
+        if (t == 0) std::copy(my_lse.begin(), my_lse.begin() + sb, lse_p + s0);
+      });
+#pragma omp barrier
+      guarded([&] {
+        TORCH_CHECK(!(inject_failure && t == nth - 1),
+                    "mlm_loss: failure injected in thread ", t, " of ", nth,
+                    " (FASTBERT_TEST_MLM_LOSS_THROW_IN_REGION)");
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t v0 = p * chunk, n = std::min(chunk, V - v0), ld = pad_k<T>(n);
+          acc_t* tile = slab.data() + (p - p0) * kSlab * ld_max;
+          for (int64_t i = 0; i < sb; ++i) {
+            acc_t* row = tile + i * ld;
+            scaled_softmax_row(row, b2 + v0, my_lse[i], cf[s0 + i], db + v0, n);
+            if (ld > n) row[n] = 0;  // the VNNI pad column takes no part
+          }
+          const T* dl_a = nullptr;
+          const T* dl_b = nullptr;
+          if constexpr (kVnni<T>) {
+            tile_to_bf16(tile, sb, ld, plain.data(), vnni.data());
+            dl_a = plain.data();
+            dl_b = vnni.data();
+          } else {
+            dl_a = dl_b = tile;
+          }
+          tile_gemm(sb, K, ld, ld, K, K, true, dl_a, w2p + v0 * K, dh);
+          tile_gemm(K, n, pad_k<T>(sb), Sp, ld, V, true, hnt + s0, dl_b, dw + v0);
         }
-        tile_gemm(sb, K, ld, ld, K, K, true, dl_a, w2p + v0 * K, dh + s0 * K);
-        tile_gemm(K, n, pad_k<T>(sb), Sp, ld, V, true, hnt + s0, dl_b, dw + v0);
-      }
+      });
+#pragma omp barrier
+      guarded([&] {
+        const int64_t r0 = sb * t / nth, r1 = sb * (t + 1) / nth;
+        for (int64_t r = r0; r < r1; ++r) {
+          acc_t* out = dh_out + (s0 + r) * K;
+          std::fill(out, out + K, acc_t(0));
+          for (int u = 0; u < nth; ++u) {
+            acc_t* src = bufs + (u * kSlab + r) * K;
+            for (int64_t j = 0; j < K; ++j) out[j] += src[j];
+            std::fill(src, src + K, acc_t(0));
+          }
+        }
+      });
+      // The next slab's first phase writes only this thread's own partials and buffers,
+      // which no other thread reads before the next barrier: no barrier needed here.
     }
-    at::native::cpublas::brgemm_release(kVnni<T>);
+    guarded([&] { at::native::cpublas::brgemm_release(kVnni<T>); });
   }
-  Tensor dHn = dH.sum(0).narrow(1, 0, Cp);
+  if (first_error) std::rethrow_exception(first_error);
+  Tensor dHn = dH.narrow(1, 0, Cp);
   return {lse, dHn, dW2t.narrow(0, 0, Cp).t(), db2};
 }
 
