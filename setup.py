@@ -6,16 +6,42 @@ build would fetch an unpinned, multi-GB CUDA torch):
     pip install torch==2.13.0
     pip install --no-build-isolation -e .[test]
 
-The C++ extension ``fastbert._C`` is built from ``csrc/`` (CPU kernels; CUDA kernels too when
-torch has CUDA and a toolkit is present).  If it cannot be built, the install still succeeds
-and fastbert runs on the reference backend, with one warning.  FASTBERT_NO_EXT=1 skips it.
+The C++ extension is several modules (fastbert/cpu_variants.py says why):
+
+* ``fastbert._C``: the portable core, built with no instruction-set flags: the op schemas,
+  the caching CPU allocator, the CPU feature probe, and the CUDA twins when torch has CUDA
+  and a CUDA toolkit is present (GPU or not).
+* ``fastbert._C_cpu_<variant>``: the CPU kernels (``csrc/cpu/*.cpp``) once per instruction set
+  (``avx512``, ``avx2``, ``default`` on x86-64; ``default`` elsewhere); one is loaded at run time.
+
+A module that fails to compile does not fail the install: the build prints the compiler's
+error and what it costs, loudly, and records it in ``fastbert/_build_report.json``, which
+``import fastbert`` reports.  Build-time environment variables: ``FASTBERT_NO_EXT=1`` skips
+the extension; ``FASTBERT_CPU_VARIANTS=avx2,default`` builds only those variants (a quicker
+developer build); ``FASTBERT_PORTABLE=1`` builds only ``default``; ``FASTBERT_NO_CUDA=1`` leaves the CUDA
+twins out; ``TORCH_CUDA_ARCH_LIST`` (default ``8.0;9.0+PTX``) picks their GPU targets;
+``MAX_JOBS`` caps compiler processes.
 """
 import glob
+import json
 import os
+import runpy
+import shutil
+import sys
+import traceback
 
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The variant table, shared with the run-time loader; loaded by path, so the build does not
+# import the fastbert package (which imports torch and the extension itself).
+CPU_VARIANTS = runpy.run_path(os.path.join(HERE, "fastbert", "cpu_variants.py"))
+BUILD_REPORT = "_build_report.json"
+
+
+def _loud(lines):
+    bar = "!" * 78
+    print("\n".join([bar] + [f"fastbert: {line}" for line in lines] + [bar]), file=sys.stderr, flush=True)
 
 
 def extension_setup():
@@ -25,41 +51,83 @@ def extension_setup():
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        print("fastbert: torch is not importable at build time; skipping the C++ extension "
-              "(install torch==2.13.0 first and use --no-build-isolation)")
+        _loud(["torch is not importable at build time: the C++ extension is NOT built and",
+               "fastbert will run every op on the slow reference path.  Install torch first",
+               "(pip install torch==2.13.0) and build with --no-build-isolation."])
         return [], {}
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    if not sources:
-        return [], {}
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DFASTBERT_CPU"]
-    if not os.environ.get("FASTBERT_PORTABLE"):
-        # AVX-512 code, and ATen's at::vec::Vectorized in its AVX-512 flavour (its exp etc. call
-        # the Sleef symbols libtorch_cpu exports).  Portable builds use the generic Vectorized.
-        cxx += ["-march=x86-64-v3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    # -g0: no debug info (Python's CFLAGS add -g), faster to compile, far smaller.
+    common = ["-O3", "-g0", "-std=c++17", "-fopenmp"]
     kwargs = dict(include_dirs=[os.path.join(HERE, "csrc")], extra_link_args=["-fopenmp"])
-    with_cuda = torch.cuda.is_available() or os.environ.get("FASTBERT_FORCE_CUDA")
-    if with_cuda and CUDA_HOME and torch.version.cuda:
-        sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
-        ext = CUDAExtension("fastbert._C", sources, extra_compile_args={
-            "cxx": cxx + ["-DFASTBERT_CUDA"],
-            "nvcc": ["-O3", "-DFASTBERT_CUDA", "-gencode=arch=compute_80,code=sm_80",
-                     "-gencode=arch=compute_90,code=sm_90"]}, **kwargs)
+
+    # The core: portable, and the only module with CUDA code (compiled once, not per variant).
+    core_sources = rel("csrc/*.cpp")
+    # Built whenever torch has CUDA and a toolkit is present, GPU or not (a GPU need not be
+    # visible at build time, e.g. in a container build).
+    with_cuda = bool(torch.version.cuda) and CUDA_HOME is not None and not os.environ.get("FASTBERT_NO_CUDA")
+    if with_cuda:
+        # sm_80 / sm_90 machine code plus PTX, which the driver JIT-compiles for newer GPUs.
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0+PTX"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+        core = CUDAExtension("fastbert._C", core_sources + rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp"),
+                             extra_compile_args={"cxx": common + ["-DFASTBERT_CUDA"],
+                                                 "nvcc": ["-O3", "-DFASTBERT_CUDA"]}, **kwargs)
     else:
-        ext = CppExtension("fastbert._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
+        core = CppExtension("fastbert._C", core_sources, extra_compile_args={"cxx": common}, **kwargs)
+
+    if os.environ.get("FASTBERT_PORTABLE"):
+        variants = CPU_VARIANTS["variants_to_build"](only="default")
+    else:
+        variants = CPU_VARIANTS["variants_to_build"](only=os.environ.get("FASTBERT_CPU_VARIANTS"))
+    kernel_sources = rel("csrc/cpu/*.cpp")
+    exts = [core] + [
+        CppExtension(f"fastbert._C_cpu_{v.name}", kernel_sources,
+                     extra_compile_args={"cxx": common + ["-DFASTBERT_CPU", f"-DFASTBERT_CPU_VARIANT={v.name}",
+                                                          *v.cflags]}, **kwargs)
+        for v in variants]
 
     class TolerantBuild(BuildExtension):
-        """A failed extension build leaves a working pure-Python install (reference backend)."""
+        """Each module builds in its own temp folder (the variants compile the same sources
+        with other flags); one that fails to compile is reported loudly and recorded, and the
+        install goes on (the run time uses what was built, or the reference path)."""
 
         def build_extensions(self):
-            try:
-                super().build_extensions()
-            except Exception as exc:  # noqa: BLE001 - any compiler failure
-                print(f"fastbert: WARNING: the C++ extension failed to build ({exc}); "
-                      "fastbert will run on the reference backend")
+            self.fastbert_failures = {}
+            super().build_extensions()
+            report = {"built": [e.name for e in self.extensions if e.name not in self.fastbert_failures],
+                      "failed": self.fastbert_failures}
+            out_dir = os.path.dirname(self.get_ext_fullpath("fastbert._C"))
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, BUILD_REPORT), "w") as f:
+                json.dump(report, f, indent=1)
+            if self.fastbert_failures:
+                consequence = ("fastbert will run every op on the slow reference path (about 14x slower)"
+                               if "fastbert._C" in self.fastbert_failures or len(report["built"]) <= 1
+                               else "the run time uses the best variant that did build")
+                _loud([f"{name} FAILED to compile:" for name in self.fastbert_failures]
+                      + [f"consequence: {consequence}",
+                         "the compiler's error is printed above; "
+                         f"it is also kept in fastbert/{BUILD_REPORT}"])
 
-    return [ext], {"build_ext": TolerantBuild.with_options(use_ninja=True)}
+        def copy_extensions_to_source(self):  # an in-place build: the report goes along
+            super().copy_extensions_to_source()
+            report = os.path.join(self.build_lib, "fastbert", BUILD_REPORT)
+            if os.path.exists(report):
+                shutil.copyfile(report, os.path.join(HERE, "fastbert", BUILD_REPORT))
+
+        def build_extension(self, ext):
+            base = self.build_temp
+            self.build_temp = os.path.join(base, ext.name.replace(".", "_"))
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure, kept and reported
+                tail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                self.fastbert_failures[ext.name] = tail[-4000:]
+                _loud([f"{ext.name} failed to compile: {tail[-2000:]}"])
+            finally:
+                self.build_temp = base
+
+    return exts, {"build_ext": TolerantBuild.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extension_setup()

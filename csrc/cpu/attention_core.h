@@ -16,17 +16,8 @@
 // over all nk keys with no gradient to the scores (d2l's -1e6 fill).
 #pragma once
 
-// at::vec picks its instruction set from CPU_CAPABILITY_* macros that torch's own build
-// sets per file; set them from the compiler flags so the extension gets AVX-512 / AVX2.
-#if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-#define CPU_CAPABILITY_AVX512
-#define CPU_CAPABILITY AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY_AVX2
-#define CPU_CAPABILITY AVX2
-#endif
-#endif
+// at::vec picks its instruction set from the CPU_CAPABILITY_* macros that setup.py sets per
+// kernel variant (fastbert/cpu_variants.py), as torch's own build does per file.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -35,12 +35,25 @@ inline const c10::TypedOperatorHandle<LinearPointwiseFn>* linear_pointwise_op() 
   return handle.has_value() ? &*handle : nullptr;
 }
 
+// Whether oneDNN runs bf16 GEMMs on this CPU (torch's own check: AVX-512 BW/VL/DQ,
+// AVX-NE-CONVERT or Graviton3).  On an AVX2 CPU its bf16 primitives do not exist: the
+// pointwise op fails to create one, and at::mm takes ATen's own bf16 path instead.
+inline bool bf16_supported() {
+  static const bool ok = [] {
+    if (!at::hasMKLDNN()) return false;
+    auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""});
+    return op.has_value() && op->typed<bool()>().call();
+  }();
+  return ok;
+}
+
 // act(x @ w^T + b), act in {"none", "relu"}; x 2-D (may be a transposed view), w [out, in]
-// (may be a view).  float32 / bfloat16 go to oneDNN; other dtypes (float64) to at::addmm.
+// (may be a view).  float32, and bfloat16 where oneDNN supports it, go to oneDNN; other
+// dtypes (float64) to at::addmm.
 inline at::Tensor linear(const at::Tensor& x, const at::Tensor& w,
                          const std::optional<at::Tensor>& b, const char* act) {
   const auto dt = x.scalar_type();
-  if (dt == at::kFloat || dt == at::kBFloat16) {
+  if (dt == at::kFloat || (dt == at::kBFloat16 && bf16_supported())) {
     if (const auto* op = linear_pointwise_op()) {
       if (x.size(0) > 0 && x.size(1) > 0 && w.size(0) > 0)
         return op->call(x, w, b, act, c10::List<std::optional<c10::Scalar>>(), std::nullopt);
@@ -55,11 +68,22 @@ inline at::Tensor linear(const at::Tensor& x, const at::Tensor& w,
 // ATen's at::native::mkldnn_matmul is exported by libtorch_cpu but is not public API, so it
 // is declared weak: a torch without it leaves the pointer null and the callers fall back.
 // FASTBERT_NO_ONEDNN_MATMUL=1 takes the fallback as if it were missing (tests run both).
+// It is probed once on a tiny problem: torch 2.13's refuses fp32 too on a CPU without
+// oneDNN's bf16 support (AVX2 machines: "mkldnn_matmul bf16 path needs the cpu support ..."),
+// so there the callers take the fallback.
 inline bool has_matmul() {
   static const bool ok = [] {
     const char* off = std::getenv("FASTBERT_NO_ONEDNN_MATMUL");
-    return at::hasMKLDNN() && &at::native::mkldnn_matmul != nullptr &&
-           !(off != nullptr && off[0] != '\0' && off[0] != '0');
+    if (!at::hasMKLDNN() || &at::native::mkldnn_matmul == nullptr ||
+        (off != nullptr && off[0] != '\0' && off[0] != '0'))
+      return false;
+    try {
+      auto a = at::ones({2, 2}), out = at::empty({2, 2});
+      at::native::mkldnn_matmul(a, a.t(), out, /*beta=*/0.f, /*alpha=*/1.f);
+      return out.eq(2).all().item<bool>();
+    } catch (const std::exception&) {
+      return false;
+    }
   }();
   return ok;
 }
