@@ -132,6 +132,19 @@ def extension_setup():
 
 ext_modules, cmdclass = extension_setup()
 
+
+def torch_requirement():
+    """A built extension is bound to the ABI of the torch it compiled against, so a wheel with
+    it asks for that torch's minor release; the pure-Python package (FASTBERT_NO_EXT, or a
+    source tree) states the range the code is written for: 2.13 is what CI tests, 2.11 is the
+    GPU machine's torch (scripts/gpu_check.sh), 2.15 is not out."""
+    if ext_modules:
+        import torch
+        major, minor = torch.__version__.split("+")[0].split(".")[:2]
+        return f"torch=={major}.{minor}.*"
+    return "torch>=2.11,<2.15"
+
+
 setup(
     name="fastbert",
     version="0.1.0",
@@ -145,7 +158,7 @@ setup(
     include_package_data=True,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.4,<2.15", "numpy", "tqdm"],
+    install_requires=[torch_requirement(), "numpy", "tqdm"],
     extras_require={
         "triton": ["triton>=3.1,<3.9"],
         # The parity tests import the real d2l packages (installed by scripts/setup.sh), whose
