@@ -48,6 +48,22 @@ def require(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> 
     pytest.skip(why_not)
 
 
+def require_extension(op: str | None = None, *, module_level: bool = False) -> None:
+    """For tests that call the C++ extension directly (``torch.ops.fastbert.*``, the cpp
+    glue): skip when it is not loaded, fail instead where ``cpp`` is a required backend
+    (FASTBERT_REQUIRE_BACKENDS, as CI sets it).  Goes through the backend registry, so
+    ``FASTBERT_NO_EXT=1`` leaves it unloaded here too (``importorskip`` would load it anyway,
+    and would skip in CI).  ``op``: also require that the extension serves that op."""
+    cpp = backends._load("cpp")
+    why_not = cpp.supports(op, "cpu", None) if op is not None else (
+        None if cpp.available else f"backend 'cpp' is not available: {cpp.reason}")
+    if why_not is None:
+        return
+    if "cpp" in REQUIRED:
+        pytest.fail(f"required backend cannot run this: {why_not}", pytrace=False)
+    pytest.skip(why_not, allow_module_level=module_level)
+
+
 @contextlib.contextmanager
 def on_backend(backend: str, op: str, device: torch.device, dtype: torch.dtype):
     """Run a block on ``backend`` after checking it really serves ``op`` (no silent fallback)."""

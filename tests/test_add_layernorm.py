@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from fastbert import ops
 
-from op_testing import FAST_BACKENDS, assert_close, device_for, dtypes_for, on_backend
+from op_testing import (FAST_BACKENDS, assert_close, device_for, dtypes_for, on_backend,
+                        require_extension)
 
 # x shapes [..., C]: length 1, odd, non-power-of-two, the book's 128 hidden, BERT-small's 256
 # and BERT-base's 768.  For the CPU kernel's 16-lane sweeps unrolled by 4: C = 7 is one partial
@@ -113,7 +114,7 @@ def test_same_seed_same_output(backend):
 
 def test_gradcheck_float64_kernel():
     """The C++ kernels take float64: gradcheck with and without dropout (fixed seed)."""
-    pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
+    require_extension()  # the glue registers autograd and fakes
     op = torch.ops.fastbert.add_layernorm
     for p, seed in ((0.0, None), (0.4, torch.tensor(11))):
         inputs = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in ((2, 3, 6), (2, 3, 6), (6,), (6,))]
@@ -122,7 +123,7 @@ def test_gradcheck_float64_kernel():
 
 def test_cpp_mixed_dtype_weight():
     """bf16 activations with fp32 LayerNorm parameters (e.g. autocast-style mixes)."""
-    pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
+    require_extension()  # the glue registers autograd and fakes
     x, y = torch.randn(3, 16).bfloat16(), torch.randn(3, 16).bfloat16()
     w = torch.randn(16, requires_grad=True)
     b = torch.randn(16, requires_grad=True)
@@ -136,7 +137,7 @@ def test_cpp_mixed_dtype_weight():
 def test_backward_without_dropout_leaves_grad_y_to_grad_x():
     """The op contract: with dropout_p == 0 grad_y equals grad_x, so the kernel returns an
     empty tensor for it and the autograd glue hands grad_x to both inputs."""
-    pytest.importorskip("fastbert.backends.cpp")
+    require_extension()
     x, y, g = torch.randn(4, 33), torch.randn(4, 33), torch.randn(4, 33)
     w = torch.randn(33)
     _, mean, rstd = torch.ops.fastbert.add_layernorm(x, y, w, None, EPS, 0.0, None)
@@ -150,7 +151,7 @@ def test_backward_without_dropout_leaves_grad_y_to_grad_x():
 
 
 def test_opcheck():
-    pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
+    require_extension()  # the glue registers autograd and fakes
     fb = torch.ops.fastbert
     seed = torch.tensor(5, dtype=torch.int64)
     for dtype in (torch.float32, torch.bfloat16):
@@ -212,7 +213,7 @@ def _xy(shape=(2, 4)):
     (lambda: (torch.randn(2, 0), torch.randn(2, 0), None, None, EPS, 0.0, None), "non-empty last axis"),
 ])
 def test_cpp_bad_input(make_args, match):
-    pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
+    require_extension()  # the glue registers autograd and fakes
     if match is None:
         torch.ops.fastbert.add_layernorm(*make_args())
         return
@@ -221,7 +222,7 @@ def test_cpp_bad_input(make_args, match):
 
 
 def test_cpp_backward_bad_input():
-    pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
+    require_extension()  # the glue registers autograd and fakes
     x, y = _xy()
     _, mean, rstd = torch.ops.fastbert.add_layernorm(x, y, None, None, EPS, 0.0, None)
     with pytest.raises(RuntimeError, match="grad_out must match"):
@@ -235,7 +236,7 @@ def test_cpp_backward_bad_input():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_kernel_matches_reference(dtype):
     """Same counter RNG as the CPU: dropout_mask (CPU) is the CUDA kernels' mask too."""
-    pytest.importorskip("fastbert.backends.cpp")
+    require_extension()
     if not hasattr(torch.ops.fastbert, "_cuda_built"):
         pytest.fail("torch has CUDA but fastbert._C was built without the CUDA kernels")
     seed = torch.tensor(123, dtype=torch.int64)
@@ -257,7 +258,7 @@ def test_cuda_kernel_matches_reference(dtype):
 
 def test_cpp_backward_same_bits_for_any_thread_count():
     """dweight/dbias are reduced over fixed row chunks in a fixed order."""
-    pytest.importorskip("fastbert.backends.cpp")
+    require_extension()
     x, y, g = (torch.randn(300, 40) for _ in range(3))
     w = torch.randn(40)
     seed = torch.tensor(9)
@@ -275,7 +276,7 @@ def test_cpp_backward_same_bits_for_any_thread_count():
 
 
 def test_cpp_dropout_mask_bad_input():
-    pytest.importorskip("fastbert.backends.cpp")
+    require_extension()
     with pytest.raises(RuntimeError, match=r"\[0, 1\)"):
         torch.ops.fastbert.dropout_mask(torch.tensor(1), [4], 1.0)
     with pytest.raises(RuntimeError, match="0-d int64 CPU"):
@@ -311,7 +312,7 @@ def test_cpp_mixed_dtypes_read_in_place(x_dtype, y_dtype, shape, p, poisoned):
     statistics, each gradient written in its input's dtype, against the float64 reference
     with the kernel's own keep mask.  x, y and the fp32 output are exact in fp32 arithmetic,
     so the fp32 tolerance applies; the bf16 gradient may err by its rounding."""
-    pytest.importorskip("fastbert.backends.cpp")
+    require_extension()
     C = shape[-1]
     x, y = torch.randn(shape).to(x_dtype), torch.randn(shape).to(y_dtype)
     w, b = 1 + 0.5 * torch.randn(C), 0.5 * torch.randn(C)
@@ -335,7 +336,7 @@ def test_cpp_mixed_dtypes_read_in_place(x_dtype, y_dtype, shape, p, poisoned):
 
 
 def test_cpp_mixed_dtypes_opcheck():
-    pytest.importorskip("fastbert.backends.cpp")
+    require_extension()
     fb = torch.ops.fastbert
     seed = torch.tensor(5, dtype=torch.int64)
     x = torch.randn(2, 3, 10, requires_grad=True)

@@ -14,7 +14,7 @@ from fastbert import ops
 from fastbert.backends import reference
 
 from op_testing import (FAST_BACKENDS, assert_close, device_for, dtypes_for, on_backend,
-                        valid_lens_cases)
+                        valid_lens_cases, require_extension)
 
 BACKEND_DTYPES = [pytest.param(b, d, id=f"{b}-{str(d)[6:]}") for b in FAST_BACKENDS
                   for d in dtypes_for(b)]
@@ -157,7 +157,7 @@ def test_dropout_forward_backward_match_reference_with_the_same_mask(backend, dt
 
 def test_cpp_dropout_counter_is_the_flat_index():
     """cpp: probability (n, i, j) is kept iff dropout_mask(seed, [N, Lq, Lk], p) says so."""
-    pytest.importorskip("fastbert._C")
+    require_extension()
     N, Lq, Lk, p = 2, 5, 9, 0.5
     torch.manual_seed(3)
     keep = extract_keep_scale("cpp", torch.float32, N, Lq, Lk, p)
@@ -168,7 +168,7 @@ def test_cpp_dropout_counter_is_the_flat_index():
 
 
 def test_opcheck_cpp():
-    pytest.importorskip("fastbert._C")
+    require_extension()
     op = torch.ops.fastbert.attention
     for dtype in (torch.float32, torch.bfloat16):
         q = torch.randn(3, 4, 32, dtype=dtype, requires_grad=True)
@@ -181,7 +181,7 @@ def test_opcheck_cpp():
 
 
 def test_bad_inputs_raise_clear_errors():
-    pytest.importorskip("fastbert._C")
+    require_extension()
     op = torch.ops.fastbert.attention
     q = torch.randn(2, 3, 16)
     with pytest.raises(RuntimeError, match="valid_lens must lie in"):

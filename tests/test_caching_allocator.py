@@ -12,7 +12,9 @@ import sys
 
 import pytest
 
-pytest.importorskip("fastbert.backends.cpp")
+from op_testing import require_extension
+
+require_extension(module_level=True)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")

@@ -12,6 +12,7 @@ import torch
 
 import fastbert
 from fastbert import backends
+from op_testing import require_extension
 
 
 @pytest.fixture(autouse=True)
@@ -238,7 +239,7 @@ def test_per_op_device_types_narrow_a_backend():
 
 
 def test_cpp_claims_cuda_only_where_a_cuda_kernel_is_registered():
-    pytest.importorskip("fastbert.backends.cpp")
+    require_extension()
     cpp = backends._load("cpp")
     built = bool(getattr(torch.ops.fastbert, "_cuda_built", None))
     for op in cpp.ops:

@@ -16,7 +16,8 @@ from fastbert import ops
 from fastbert.backends import reference
 
 from fastbert import backends
-from op_testing import assert_close, device_for, dtypes_for, on_backend
+from op_testing import (assert_close, device_for, dtypes_for, on_backend,
+                        require_extension)
 
 KERNEL_BACKENDS = ("cpp",)  # the backends with an embedding_sum kernel of their own
 BACKEND_DTYPES = [pytest.param(b, d, id=f"{b}-{str(d)[6:]}") for b in KERNEL_BACKENDS
@@ -82,7 +83,7 @@ def test_triton_serves_the_reference_function():
 
 
 def test_cpp_backward_leaves_out_unneeded_tables_and_is_deterministic():
-    pytest.importorskip("fastbert.backends.cpp")
+    require_extension()
     g = torch.Generator().manual_seed(3)
     ids = make_ids(500, 40, 30, g)
     grad = torch.randn(500, 24, generator=g)
@@ -101,7 +102,7 @@ def test_cpp_backward_leaves_out_unneeded_tables_and_is_deterministic():
 
 
 def test_gradcheck_float64_kernel():
-    pytest.importorskip("fastbert.backends.cpp")
+    require_extension()
     g = torch.Generator().manual_seed(1)
     ids = make_ids(9, 5, 4, g)
     tables = [torch.randn(n, 3, dtype=torch.float64, requires_grad=True, generator=g) for n in (5, 2, 4)]
@@ -109,7 +110,7 @@ def test_gradcheck_float64_kernel():
 
 
 def test_opcheck():
-    pytest.importorskip("fastbert.backends.cpp")
+    require_extension()
     g = torch.Generator().manual_seed(2)
     ids = make_ids(12, 7, 6, g)
     for dtype in (torch.float32, torch.bfloat16):
@@ -163,7 +164,7 @@ def test_bad_input(make_args, error, match):
 
 
 def test_cpp_kernel_checks_ids_itself():
-    pytest.importorskip("fastbert.backends.cpp")
+    require_extension()
     tables = (torch.randn(5, 8), torch.randn(2, 8), torch.randn(3, 8))
     with pytest.raises(RuntimeError, match="position id 3 .* out of range"):
         torch.ops.fastbert.embedding_sum(torch.tensor([[0, 0, 3]]), *tables)

@@ -10,7 +10,8 @@ import torch
 from fastbert import ops
 from fastbert.backends import reference
 
-from op_testing import FAST_BACKENDS, assert_close, device_for, dtypes_for, on_backend
+from op_testing import (FAST_BACKENDS, assert_close, device_for, dtypes_for, on_backend,
+                        require_extension)
 
 BACKEND_DTYPES = [pytest.param(b, d, id=f"{b}-{str(d)[6:]}") for b in FAST_BACKENDS
                   for d in dtypes_for(b)]
@@ -87,7 +88,7 @@ def test_bf16_autocast_matches_reference_autocast(backend):
 
 
 def test_opcheck_cpp():
-    pytest.importorskip("fastbert._C")
+    require_extension()
     op = torch.ops.fastbert.ffn
     for dtype in (torch.float32, torch.bfloat16):
         for activation in ("relu", "gelu"):
@@ -98,7 +99,7 @@ def test_opcheck_cpp():
 
 
 def test_bad_inputs_raise_clear_errors():
-    pytest.importorskip("fastbert._C")
+    require_extension()
     op = torch.ops.fastbert.ffn
     x, w1, b1, w2, b2, _ = make((3, 16), 24, 8, "cpu", torch.float32)
     with pytest.raises(RuntimeError, match="activation"):

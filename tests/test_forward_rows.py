@@ -57,6 +57,7 @@ def rows_and_grads(fn, bert, weights):
 
 # The unpadded path's ops: the backend under test must serve each (ran_on checks).
 PATH_OPS = ("pack", "unpack", "embedding_sum", "varlen_attention", "add_layernorm", "ffn")
+PADDED_OPS = ("embedding_sum", "attention", "add_layernorm", "ffn")  # d2l's padded path
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
@@ -75,15 +76,19 @@ def test_forward_rows_matches_the_padded_reference(backend, layers):
         want[dtype] = rows_and_grads(
             lambda m: reference_rows(m, tokens, segments, vl, positions), ref, weights)
     assert got.shape == (5, 5, HIDDEN)
-    assert_close(got, want[torch.float64][0], want[torch.float32][0], factor=4, name="rows")
+    # Factor 2 (the house rule) holds: measured worst (err - atol) / PyTorch fp32's error,
+    # cpp (AVX2 EPYC) 1.63, Triton (interpreter) 1.67, both on W_k.bias, whose gradient is zero
+    # in exact arithmetic (rounding noise against rounding noise): its atol is 1e-6 of the
+    # model's largest gradient.
+    assert_close(got, want[torch.float64][0], want[torch.float32][0], name="rows")
     inside = positions < vl[:, None]
     assert (got[~inside] == 0).all(), "rows at pad positions are zeros"
     assert set(got_g) == set(want[torch.float64][1])
+    model_scale = max(g.abs().max().item() for g in want[torch.float64][1].values())
     for name, g64 in want[torch.float64][1].items():
-        # max(., 1e-2): a key bias gets a mathematically zero gradient (rounding noise only)
-        scale = max(g64.abs().max().item(), 1e-2)
-        assert_close(got_g[name], g64, want[torch.float32][1][name], factor=4,
-                     atol=1e-6 * scale, name=f"grad {name}")
+        scale = model_scale if name.endswith("W_k.bias") else max(g64.abs().max().item(), 1e-2)
+        assert_close(got_g[name], g64, want[torch.float32][1][name], atol=1e-6 * scale,
+                     name=f"grad {name}")
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
@@ -108,7 +113,8 @@ def test_padded_path_reads_the_padded_rows():
     bert = make_bert().eval()
     vl2 = vl[:, None].expand(-1, tokens.shape[1])
     for backend, lens in (("reference", vl), ("cpp", vl2)):
-        with fastbert.use_backend(backend):
+        with (fastbert.use_backend(backend) if backend == "reference" else
+              ran_on(backend, torch.device("cpu"), torch.float32, PADDED_OPS)):
             full = bert.encoder(tokens, segments, lens)
             rows = bert.encoder.forward_rows(tokens, segments, lens, positions)
         assert torch.equal(rows, full[torch.arange(5)[:, None], positions])
@@ -125,9 +131,12 @@ def test_classifier_matches_the_reference(backend):
     results = {}
     for name, be, dtype in (("got", backend, torch.float32), ("64", "reference", torch.float64),
                             ("32", "reference", torch.float32)):
-        net = fastbert.BERTClassifier(make_bert(dtype=dtype, device=device)).to(device, dtype)
+        # The same parameters in every dtype: drawn in float32, then converted (a float64
+        # reset_parameters() draws other numbers from the same seed).
+        net = fastbert.BERTClassifier(make_bert(device=device))
         torch.manual_seed(1)
         net.output.reset_parameters()
+        net = net.to(device, dtype)
         with (ran_on(be, device, dtype, PATH_OPS) if name == "got" else
               fastbert.use_backend(be)):
             out = net((tokens, segments, vl.float()))  # the book stores lengths as floats
@@ -135,12 +144,14 @@ def test_classifier_matches_the_reference(backend):
         results[name] = out.detach(), {n: p.grad for n, p in net.named_parameters()
                                        if p.grad is not None}
     got, want64, want32 = results["got"], results["64"], results["32"]
-    assert_close(got[0], want64[0], want32[0], factor=4, name="logits")
+    # Factor 2 holds: measured on cpp (AVX2 EPYC), every error (logits and gradients, at most
+    # 6e-8) is within its atol.
+    assert_close(got[0], want64[0], want32[0], name="logits")
     assert set(got[1]) == set(want64[1])
     for name, g64 in want64[1].items():
         # max(., 1e-2): a key bias gets a mathematically zero gradient (rounding noise only)
         scale = max(g64.abs().max().item(), 1e-2)
-        assert_close(got[1][name], g64, want32[1][name], factor=4, atol=1e-6 * scale,
+        assert_close(got[1][name], g64, want32[1][name], atol=1e-6 * scale,
                      name=f"grad {name}")
 
 

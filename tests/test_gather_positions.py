@@ -10,7 +10,8 @@ import torch
 from fastbert import ops
 from fastbert.backends import reference
 
-from op_testing import FAST_BACKENDS, assert_close, device_for, dtypes_for, on_backend
+from op_testing import (FAST_BACKENDS, assert_close, device_for, dtypes_for, on_backend,
+                        require_extension)
 
 # (B, L, C, P): length 1, odd, non-power-of-two, the book's max_len 64 (10 predictions),
 # SNLI's 128, BERT-small's 256 hidden.
@@ -71,7 +72,7 @@ def test_backward_is_deterministic(backend, dtype):
 
 
 def test_gradcheck_float64_kernel():
-    pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
+    require_extension()  # the glue registers autograd and fakes
     X = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
     pos = torch.tensor([[1, 1, 4], [0, 2, 2]])
     fn = lambda x: torch.ops.fastbert.gather_positions(x, pos)
@@ -80,7 +81,7 @@ def test_gradcheck_float64_kernel():
 
 
 def test_opcheck():
-    pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
+    require_extension()  # the glue registers autograd and fakes
     fb = torch.ops.fastbert
     for dtype in (torch.float32, torch.bfloat16):
         X = torch.randn(3, 8, 6, dtype=dtype, requires_grad=True)
@@ -120,7 +121,7 @@ def test_compile_fullgraph(backend, dtype):
     (lambda: (torch.randn(2, 5, 3), torch.tensor([[-1], [0]])), r"\[0, 4\]"),
 ])
 def test_cpp_bad_input(make_args, match):
-    pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
+    require_extension()  # the glue registers autograd and fakes
     if match is None:
         torch.ops.fastbert.gather_positions(*make_args())
         return
@@ -129,7 +130,7 @@ def test_cpp_bad_input(make_args, match):
 
 
 def test_cpp_backward_bad_input():
-    pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
+    require_extension()  # the glue registers autograd and fakes
     with pytest.raises(RuntimeError, match=r"\[0, 3\]"):
         torch.ops.fastbert.gather_positions_backward(torch.randn(1, 2, 3), torch.tensor([[0, 4]]), 4)
     with pytest.raises(RuntimeError, match="like grad_out"):
@@ -140,7 +141,7 @@ def test_cpp_backward_bad_input():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_cuda_kernel_matches_cpu(dtype):
-    pytest.importorskip("fastbert.backends.cpp")
+    require_extension()
     if not hasattr(torch.ops.fastbert, "_cuda_built"):
         pytest.fail("torch has CUDA but fastbert._C was built without the CUDA kernels")
     for B, L, C, P in SHAPES:

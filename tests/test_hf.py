@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import fastbert
 from fastbert import hf
 from fastbert.data.wordpiece import WordPieceTokenizer, truncate_pair
-from op_testing import FAST_BACKENDS, require
+from op_testing import FAST_BACKENDS, ran_on, require
 from train_testing import SNLI
 
 SNLI_TEST = os.path.join(SNLI, "snli_1.0_test.tokenized.tsv.gz")  # packaged, or FASTBERT_DATA
@@ -559,12 +559,11 @@ def test_minilm_matches_transformers_on_snli(minilm, backend, unpadded):
     mask = _mask(tokens, valid_lens)
     with torch.no_grad():
         want = theirs(input_ids=tokens, token_type_ids=segments, attention_mask=mask)
-    if backend != "reference":
-        for op in MODEL_OPS[unpadded]:
-            require(backend, op, torch.device("cpu"), torch.float32)
+    run_on = (fastbert.use_backend(backend) if backend == "reference" else
+              ran_on(backend, torch.device("cpu"), torch.float32, MODEL_OPS[unpadded]))
     model.encoder.unpadded = unpadded
     try:
-        with torch.no_grad(), fastbert.use_backend(backend):
+        with torch.no_grad(), run_on:
             enc, _, _ = model(tokens, segments, valid_lens)
             pooled = model.hidden(enc[:, 0])
     finally:

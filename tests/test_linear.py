@@ -15,7 +15,8 @@ import torch
 from fastbert import ops
 from fastbert.backends import reference
 
-from op_testing import assert_close, device_for, dtypes_for, on_backend, poison_
+from op_testing import (assert_close, device_for, dtypes_for, on_backend, poison_,
+                        require_extension)
 
 LINEAR_BACKENDS = ("cpp",)
 BACKEND_DTYPES = [pytest.param(b, d, id=f"{b}-{str(d)[6:]}") for b in LINEAR_BACKENDS
@@ -108,7 +109,7 @@ def test_bf16_autocast_matches_reference_autocast(backend):
 
 
 def test_gradcheck_float64_cpp():
-    pytest.importorskip("fastbert._C")
+    require_extension()
     x, w, b, _ = make((2, 3), 5, 4, "cpu", torch.float64)
     args = [t.requires_grad_() for t in (x, w, b)]
     assert torch.autograd.gradcheck(torch.ops.fastbert.linear, args)
@@ -116,7 +117,7 @@ def test_gradcheck_float64_cpp():
 
 
 def test_opcheck_cpp():
-    pytest.importorskip("fastbert._C")
+    require_extension()
     op = torch.ops.fastbert.linear
     for dtype in (torch.float32, torch.bfloat16):
         x, w, b, _ = make((2, 3), 16, 24, "cpu", dtype)
@@ -135,7 +136,7 @@ def test_bad_inputs_raise_clear_errors():
         ops.linear(x, w[None])
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         ops.linear(x.tolist(), w)
-    pytest.importorskip("fastbert._C")
+    require_extension()
     op = torch.ops.fastbert.linear
     with pytest.raises(RuntimeError, match="shapes do not agree"):
         op(x, w.t().contiguous(), b)
@@ -204,7 +205,7 @@ def test_fp32_backward_with_and_without_onednn_matmul(disabled):
     import os
     import subprocess
     import sys
-    pytest.importorskip("fastbert.backends.cpp")
+    require_extension()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, FASTBERT_NO_ONEDNN_MATMUL=disabled,
                PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -14,7 +14,8 @@ import fastbert
 from fastbert import ops
 from fastbert.backends import reference
 
-from op_testing import FAST_BACKENDS, assert_close, device_for, dtypes_for, on_backend, valid_lens_cases
+from op_testing import (FAST_BACKENDS, assert_close, device_for, dtypes_for, on_backend, valid_lens_cases,
+                        require_extension)
 
 # (N, Lq, Lk): length 1, odd, non-power-of-two, the book's max_len 64 and SNLI's 128.
 SHAPES = [(1, 1, 1), (3, 5, 7), (4, 3, 33), (2, 4, 64), (3, 2, 128)]
@@ -76,7 +77,7 @@ def test_zero_valid_len_rows_are_uniform(backend, dtype):
 
 def test_gradcheck_float64_kernel():
     """The C++ kernels take float64 too: gradcheck them through the registered autograd."""
-    pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
+    require_extension()  # the glue registers autograd and fakes
     op = torch.ops.fastbert.masked_softmax
     for vl in (None, torch.tensor([0, 1, 5], dtype=torch.int32),
                torch.tensor([[0, 2], [5, 1], [3, 3]], dtype=torch.int32)):
@@ -91,7 +92,7 @@ def _opcheck_samples():
 
 
 def test_opcheck():
-    pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
+    require_extension()  # the glue registers autograd and fakes
     for X, vl in _opcheck_samples():
         X = X.requires_grad_()
         torch.library.opcheck(torch.ops.fastbert.masked_softmax.default, (X, vl))
@@ -129,13 +130,13 @@ def test_compile_fullgraph(backend, dtype):
     (lambda: (torch.randn(2, 3, 4), torch.tensor([-1, 2], dtype=torch.int32)), r"\[0, 4\]"),
 ])
 def test_cpp_bad_input(args, match):
-    pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
+    require_extension()  # the glue registers autograd and fakes
     with pytest.raises(RuntimeError, match=match):
         torch.ops.fastbert.masked_softmax(*args())
 
 
 def test_cpp_backward_bad_input():
-    pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
+    require_extension()  # the glue registers autograd and fakes
     Y = torch.rand(2, 3, 4)
     with pytest.raises(RuntimeError, match="grad_out must match"):
         torch.ops.fastbert.masked_softmax_backward(torch.rand(2, 3, 5), Y, None)
@@ -145,7 +146,7 @@ def test_cpp_backward_bad_input():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_cuda_kernel_matches_reference(dtype):
-    pytest.importorskip("fastbert.backends.cpp")
+    require_extension()
     if not hasattr(torch.ops.fastbert, "_cuda_built"):
         pytest.fail("torch has CUDA but fastbert._C was built without the CUDA kernels")
     for shape in SHAPES:

@@ -110,6 +110,20 @@ def reference(inputs, dtype, device):
 GRAD_NAMES = ("dX", "dw1", "db1", "dln_weight", "dln_bias", "dw2", "db2")
 
 
+def grad_factor(name: str, dtype: torch.dtype) -> float:
+    """The tolerance factor per gradient: 2, except bf16 dln_weight, 2.5.  Measured (cpp,
+    AVX2 EPYC, test_scaled_grad_loss's inputs over 16 seeds): dln_weight's max error is
+    0.96x PyTorch's bf16 error at the median and up to 2.08x (2 seeds of 16; seed 0: 0.0141
+    vs 0.0064).  dln_weight is one sum over the slots of dHn * xhat, rounded once to bf16: at
+    |1.46| a bf16 step is 0.0078, so those are the kernel 2 steps off where PyTorch is 1.
+    Not the kernel's code: the OpenMP rework of 85a89de gives bitwise the same outputs as the
+    code before it; and not the oneDNN GEMM fallback (mlm_loss has its own tiles).  It is how
+    the tiles run on this CPU: without oneDNN's bf16 brgemm (AVX2), bf16 tiles compute in
+    fp32, so dHn rounds differently from PyTorch's bf16 logits.  Every other gradient stays
+    within 1.8x there."""
+    return 2.5 if (name == "dln_weight" and dtype == torch.bfloat16) else 2.0
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
 def test_matches_reference(backend, dtype, case, nan_filled_empty):
@@ -125,7 +139,7 @@ def test_matches_reference(backend, dtype, case, nan_filled_empty):
     assert_close(loss, loss64, loss_lp, atol=ATOL[dtype], name="loss")
     for name, g, g64, g_lp in zip(GRAD_NAMES, grads, grads64, grads_lp):
         assert g.dtype == dtype
-        assert_close(g, g64, g_lp, name=name)
+        assert_close(g, g64, g_lp, factor=grad_factor(name, dtype), name=name)
     if kind == "empty":
         assert loss.item() == 0.0 and all(not g.any() for g in grads)
 
@@ -149,7 +163,7 @@ def test_scaled_grad_loss(backend, dtype):
     with on_backend(backend, "mlm_loss", device, dtype), vocab_chunk(backend, 32):
         grads = scaled(dtype)
     for name, g, g64, g_lp in zip(GRAD_NAMES, grads, grads64, grads_lp):
-        assert_close(g, g64, g_lp, name=name)
+        assert_close(g, g64, g_lp, factor=grad_factor(name, dtype), name=name)
 
 
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
@@ -199,7 +213,7 @@ def test_cpp_tile_edges(dtype, chunk, two_ops):
             loss, grads = run(inputs, dtype, torch.device("cpu"))
     assert_close(loss, loss64, loss_lp, atol=ATOL[dtype], name="loss")
     for name, g, g64, g_lp in zip(GRAD_NAMES, grads, grads64, grads_lp):
-        assert_close(g, g64, g_lp, name=name)
+        assert_close(g, g64, g_lp, factor=grad_factor(name, dtype), name=name)
 
 
 def test_reference_is_the_mean_over_real_slots():
@@ -307,14 +321,14 @@ def test_opcheck(backend):
 @pytest.mark.parametrize("backend", ("reference",) + FAST_BACKENDS)
 def test_compile_fullgraph(backend):
     device = device_for(backend)
-    if backend != "reference":
-        require(backend, "mlm_loss", device, torch.float32)
+    block = (fastbert.use_backend(backend) if backend == "reference" else
+             ran_on(backend, device, torch.float32, ("mlm_loss",)))
     inputs = make_inputs(3, 9, 16, 12, 100, 5)
     torch._dynamo.reset()
     X, positions, weights, labels, params = inputs
     X, params = X.float().requires_grad_(), [p.float().requires_grad_() for p in params]
     compiled = torch.compile(ops.mlm_loss, fullgraph=True, backend="aot_eager")
-    with fastbert.use_backend(backend):
+    with block:
         eager_loss = ops.mlm_loss(X, positions, weights, labels, *params)
         eager_grads = torch.autograd.grad(eager_loss, [X] + params)
         loss = compiled(X, positions, weights, labels, *params)
@@ -327,11 +341,11 @@ def test_compile_fullgraph(backend):
 @pytest.mark.parametrize("backend", ("reference",) + FAST_BACKENDS)
 def test_autocast_casts_to_the_autocast_dtype(backend):
     device = device_for(backend)
-    if backend != "reference":
-        require(backend, "mlm_loss", device, torch.bfloat16)
+    block = (fastbert.use_backend(backend) if backend == "reference" else
+             ran_on(backend, device, torch.bfloat16, ("mlm_loss",)))
     X, positions, weights, labels, params = make_inputs(3, 9, 16, 12, 100, 5)
     X, params = X.float().requires_grad_(), [p.float().requires_grad_() for p in params]
-    with fastbert.use_backend(backend):
+    with block:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = ops.mlm_loss(X, positions, weights, labels, *params)
         grads = torch.autograd.grad(loss, [X] + params)
@@ -442,7 +456,8 @@ def test_book_compatible_is_the_books_formula(backend):
     for a, b in zip(ours, book):
         assert torch.equal(a, b)
     # The book's MLM loss is the plain mean over all slots, padding included.
-    with fastbert.use_backend(backend):
+    with (fastbert.use_backend(backend) if backend == "reference"
+          else ran_on(backend, device, torch.float32, BOOK_PATH_OPS)):
         _, mlm_Y_hat, _ = net(*batch[:3], batch[3])
     plain = F.cross_entropy(mlm_Y_hat.reshape(-1, V_SMALL), batch[5].reshape(-1))
     torch.testing.assert_close(ours[0], plain)
@@ -499,12 +514,14 @@ def test_default_loss_is_the_real_slot_mean(backend, unpadded):
           ran_on(backend, torch.device("cpu"), torch.float32, ("mlm_loss",))):
         ours = losses_and_grads(small_bert(unpadded=unpadded),
                                 lambda n: bert_pretrain_loss(n, V_SMALL, *batch))
+    # Factor 2 (the house rule) holds: measured on cpp (AVX2 EPYC), every loss and gradient
+    # error is within the fp32 atol (1e-6), both encoder paths.
     for a, b, c in zip(ours[0], ref64[0], ref32[0]):
         assert a.dtype == torch.float32
-        assert_close(a, b, c, factor=4.0, name="loss")
+        assert_close(a, b, c, name="loss")
     names = [n for n, _ in small_bert().named_parameters()]
     for name, a, b, c in zip(names, ours[1], ref64[1], ref32[1]):
-        assert_close(a, b, c, factor=4.0, name=name)
+        assert_close(a, b, c, name=name)
 
 
 def test_default_and_book_differ_by_the_padding():
@@ -556,7 +573,7 @@ def test_cpp_more_threads_than_cores(dtype, two_ops):
         torch.set_num_threads(threads)
     assert_close(loss, loss64, loss_lp, atol=ATOL[dtype], name="loss")
     for name, g, g64, g_lp in zip(GRAD_NAMES, grads, grads64, grads_lp):
-        assert_close(g, g64, g_lp, name=name)
+        assert_close(g, g64, g_lp, factor=grad_factor(name, dtype), name=name)
 
 
 THROW_IN_REGION = r"""

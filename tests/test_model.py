@@ -85,16 +85,22 @@ def test_unpadded_model_matches_padded_reference(backend, activation):
     want32 = run_reference(activation, device, torch.float32)
     valid = valid_mask(batch[2], batch[0].shape[1])
     # Encoded tokens on valid positions; pads are zeros on the unpadded path.
-    assert_close(got[0][valid], want64[0][valid], want32[0][valid], factor=4,
+    # The house factor 2 holds: measured worst (err - atol) / PyTorch fp32's error, cpp (AVX2
+    # EPYC) 1.23, Triton (interpreter) 1.78, both on W_k.bias, whose gradient is zero in
+    # exact arithmetic (a key bias shifts a query's scores by a constant): rounding noise
+    # against rounding noise; its atol is therefore 1e-6 of the model's largest gradient.
+    assert_close(got[0][valid], want64[0][valid], want32[0][valid],
                  name="encoded (valid positions)")
     assert (got[0][~valid] == 0).all(), "pads must be zero on the unpadded path"
-    assert_close(got[1], want64[1], want32[1], factor=4, name="mlm logits")
-    assert_close(got[2], want64[2], want32[2], factor=4, name="nsp logits")
+    assert_close(got[1], want64[1], want32[1], name="mlm logits")
+    assert_close(got[2], want64[2], want32[2], name="nsp logits")
     assert set(got[3]) == set(want64[3])
+    model_scale = max(g.abs().max().item() for g in want64[3].values())
     for name in want64[3]:
-        scale = want64[3][name].abs().max().item() or 1.0
-        assert_close(got[3][name], want64[3][name], want32[3][name], factor=4,
-                     atol=1e-6 * scale, name=f"grad {name}")
+        scale = model_scale if name.endswith("W_k.bias") else \
+            (want64[3][name].abs().max().item() or 1.0)
+        assert_close(got[3][name], want64[3][name], want32[3][name], atol=1e-6 * scale,
+                     name=f"grad {name}")
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)

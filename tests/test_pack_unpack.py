@@ -10,7 +10,8 @@ import torch
 from fastbert import ops
 from fastbert.backends import reference
 
-from op_testing import FAST_BACKENDS, assert_close, device_for, dtypes_for, on_backend, valid_lens_cases
+from op_testing import (FAST_BACKENDS, assert_close, device_for, dtypes_for, on_backend, valid_lens_cases,
+                        require_extension)
 
 # X shapes [B, L, ...]: length 1, odd, non-power-of-two, the book's 64 and SNLI's 128, a 2-D
 # X (one value per position) and a 4-D X ([B, L, heads, head size]).
@@ -98,7 +99,7 @@ def test_token_ids_pack_on_the_backend(backend, dtype, poisoned):
 
 def test_cpp_any_dtype_and_gradcheck_float64():
     """The C++ copies take any dtype (token ids, fp64); gradcheck in float64."""
-    pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
+    require_extension()  # the glue registers autograd and fakes
     fb = torch.ops.fastbert
     ids = torch.randint(0, 100, (3, 5))
     vl = torch.tensor([2, 5, 0], dtype=torch.int32)
@@ -113,7 +114,7 @@ def test_cpp_any_dtype_and_gradcheck_float64():
 
 
 def test_opcheck():
-    pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
+    require_extension()  # the glue registers autograd and fakes
     fb = torch.ops.fastbert
     vl = torch.tensor([2, 5, 0, 4], dtype=torch.int32)
     for dtype in (torch.float32, torch.bfloat16):
@@ -171,7 +172,7 @@ I32 = dict(dtype=torch.int32)
     ("pack_rows", lambda: (torch.randn(2, 3), torch.tensor([0, 1], **I32), 1), "B\\+1 = 3"),
 ])
 def test_cpp_bad_input(op, make_args, match):
-    pytest.importorskip("fastbert.backends.cpp")  # the glue registers autograd and fakes
+    require_extension()  # the glue registers autograd and fakes
     fn = getattr(torch.ops.fastbert, op)
     if match is None:
         fn(*make_args())
@@ -183,7 +184,7 @@ def test_cpp_bad_input(op, make_args, match):
 # ------------------------------------------------------------------ the CUDA twin (GPU machines)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_kernels_match_reference():
-    pytest.importorskip("fastbert.backends.cpp")
+    require_extension()
     if not hasattr(torch.ops.fastbert, "_cuda_built"):
         pytest.fail("torch has CUDA but fastbert._C was built without the CUDA kernels")
     fb = torch.ops.fastbert

@@ -25,7 +25,7 @@ import fastbert
 from fastbert import backends, ops
 from fastbert.backends import reference as R
 
-from op_testing import assert_close, on_backend, require, valid_lens_cases
+from op_testing import assert_close, on_backend, ran_on, require, valid_lens_cases
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -432,11 +432,11 @@ def test_compile_fullgraph_matches_eager(name):
     backends._load("triton")  # the lazy backend import must happen outside the traced code
     fn, shape = _compile_cases()[name]
     X = torch.randn(shape, device=DEVICE)
-    with fastbert.use_backend("triton"):
-        assert backends.resolve_name(name, DEVICE.type, torch.float32) == "triton"
-        xe = X.clone().requires_grad_()
-        eager = fn(xe)
-        eager.sum().backward()
+    with on_backend("triton", name, DEVICE, torch.float32):
+        with ran_on("triton", DEVICE, torch.float32):  # the eager run: every op on Triton
+            xe = X.clone().requires_grad_()
+            eager = fn(xe)
+            eager.sum().backward()
         xc = X.clone().requires_grad_()
         compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(xc)
         compiled.sum().backward()
@@ -454,12 +454,15 @@ def test_compile_inductor_add_layernorm():
     def fn(x, y):
         return ops.add_layernorm(torch.relu(x), y * 3, w, None, 1e-5) * 2
 
-    with fastbert.use_backend("triton"):
+    with on_backend("triton", "add_layernorm", DEVICE, torch.float32):
         compiled = torch.compile(fn, fullgraph=True)(x, y)
     torch.testing.assert_close(compiled, R.add_layernorm(torch.relu(x), y * 3, w, None, 1e-5) * 2)
 
 
 # ----------------------------------------------------------------------------- the model
+UNPADDED_OPS = ("pack", "unpack", "varlen_attention", "add_layernorm", "ffn")
+
+
 def _bert(**kw):
     from fastbert.bert import BERTModel
     torch.manual_seed(0)
@@ -480,7 +483,8 @@ def test_bert_unpadded_triton_matches_padded_reference(activation):
     valid = torch.arange(11, device=DEVICE)[None, :] < valid_lens[:, None]
 
     def run(net, backend):
-        with fastbert.use_backend(backend):
+        with (fastbert.use_backend(backend) if backend == "reference" else
+              ran_on(backend, DEVICE, torch.float32, UNPADDED_OPS)):
             assert net.encoder.uses_unpadded(torch.empty(0, device=DEVICE), valid_lens) == \
                 (backend == "triton")
             enc, mlm, nsp = net(tokens, segments, valid_lens, pred)
@@ -514,8 +518,9 @@ def test_bert_unpadded_triton_compiles_fullgraph():
         enc, _, nsp = net(tokens, segments, valid_lens)
         return enc, nsp
 
-    with fastbert.use_backend("triton"):
+    with ran_on("triton", DEVICE, torch.float32, UNPADDED_OPS):
         enc_e, nsp_e = fn(tokens, segments, valid_lens)
+    with fastbert.use_backend("triton"):
         enc_c, nsp_c = torch.compile(fn, fullgraph=True, backend="aot_eager")(
             tokens, segments, valid_lens)
     torch.testing.assert_close(enc_c, enc_e)

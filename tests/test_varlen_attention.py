@@ -16,7 +16,8 @@ from torch.overrides import TorchFunctionMode
 from fastbert import ops
 from fastbert.backends import reference
 
-from op_testing import FAST_BACKENDS, assert_close, device_for, dtypes_for, on_backend, require
+from op_testing import (FAST_BACKENDS, assert_close, device_for, dtypes_for, on_backend, require,
+                        require_extension)
 
 BACKEND_DTYPES = [pytest.param(b, d, id=f"{b}-{str(d)[6:]}") for b in FAST_BACKENDS
                   for d in dtypes_for(b)]
@@ -188,7 +189,7 @@ def test_dropout_forward_backward_match_reference_with_the_same_mask(backend, dt
 
 def test_cpp_dropout_counter_is_documented():
     """The cpp kernels' mask is the documented counter: (t * H + h) * T + u."""
-    pytest.importorskip("fastbert._C")
+    require_extension()
     from fastbert.backends.cpp import varlen_attention as glue
     lens, H, D, p = [5, 1, 12], 2, 32, 0.4
     seed = torch.tensor(5)
@@ -198,7 +199,7 @@ def test_cpp_dropout_counter_is_documented():
 
 
 def test_opcheck_cpp():
-    pytest.importorskip("fastbert._C")
+    require_extension()
     op = torch.ops.fastbert.varlen_attention
     cu = cu_of([3, 0, 5])
     for dtype in (torch.float32, torch.bfloat16):
@@ -208,7 +209,7 @@ def test_opcheck_cpp():
 
 
 def test_bad_inputs_raise_clear_errors():
-    pytest.importorskip("fastbert._C")
+    require_extension()
     op = torch.ops.fastbert.varlen_attention
     q = torch.randn(8, 2, 32)
     with pytest.raises(RuntimeError, match="cu_seqlens"):
@@ -358,7 +359,7 @@ def test_cross_dropout_counter_matches_the_read_back_helper(backend):
     L = max(lens + q_lens)
     device = device_for(backend)
     if backend == "cpp":
-        pytest.importorskip("fastbert._C")
+        require_extension()
         from fastbert.backends.cpp import varlen_attention as glue
         expected = glue.dropout_keep_scale(cu_of(lens), H, L, p, seed, cu_of(q_lens))
     else:
@@ -383,7 +384,7 @@ def test_cross_reference_gradcheck_float64():
 
 
 def test_cross_opcheck_cpp():
-    pytest.importorskip("fastbert._C")
+    require_extension()
     op = torch.ops.fastbert.varlen_attention
     cu, cu_q = cu_of([3, 0, 5]), cu_of([1, 2, 2])
     for dtype in (torch.float32, torch.bfloat16):
