@@ -81,7 +81,7 @@ def extension_setup():
         variants = CPU_VARIANTS["variants_to_build"](only=os.environ.get("FASTBERT_CPU_VARIANTS"))
     kernel_sources = rel("csrc/cpu/*.cpp")
     exts = [core] + [
-        CppExtension(f"fastbert._C_cpu_{v.name}", kernel_sources,
+        CppExtension(CPU_VARIANTS["module_name"](v.name), kernel_sources,
                      extra_compile_args={"cxx": common + ["-DFASTBERT_CPU", f"-DFASTBERT_CPU_VARIANT={v.name}",
                                                           *v.cflags]}, **kwargs)
         for v in variants]
@@ -137,7 +137,7 @@ def torch_requirement():
     """A built extension is bound to the ABI of the torch it compiled against, so a wheel with
     it asks for that torch's minor release; the pure-Python package (FASTBERT_NO_EXT, or a
     source tree) states the range the code is written for: 2.13 is what CI tests, 2.11 is the
-    GPU machine's torch (scripts/gpu_check.sh), 2.15 is not out."""
+    torch of the GPU machine we may be lent (not yet tested), 2.15 is not out."""
     if ext_modules:
         import torch
         major, minor = torch.__version__.split("+")[0].split(".")[:2]

@@ -87,11 +87,13 @@ def select_variant(features: Iterable[str], built: Sequence[str],
     rejected: Dict[str, str] = {}
 
     def why_not(v: Variant) -> Optional[str]:
-        if v.name not in built:
-            return "not built (its module is missing from this install)"
+        # The CPU first: "not built" then means a variant this CPU would run (the loader warns
+        # about those, as a slower install than this machine allows).
         missing = [f for f in v.requires if f not in have]
         if missing:
             return "this CPU lacks " + ", ".join(missing)
+        if v.name not in built:
+            return "not built (its module is missing from this install)"
         return None
 
     note = ""

@@ -196,3 +196,12 @@ def test_under_qemu(cpu, forced, want):
     assert report["ok"], json.dumps(report, indent=1)
     if forced:
         assert "refused" in report["why"]
+
+
+def test_not_built_is_said_only_of_variants_this_cpu_runs():
+    # The loader warns "this CPU runs <v>, but it is not in this install" for reasons that
+    # start with "not built": a variant the CPU lacks must be rejected for that instead.
+    _, _, rejected = cpu_variants.select_variant({"avx", "avx2", "fma", "f16c"}, ("avx2", "default"))
+    assert rejected["avx512"].startswith("this CPU lacks"), rejected
+    _, _, rejected = cpu_variants.select_variant(FULL, ("avx2", "default"))
+    assert rejected["avx512"].startswith("not built"), rejected

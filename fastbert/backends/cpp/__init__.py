@@ -26,7 +26,6 @@ from .. import Backend, register_backend
 from ... import cpu_variants
 
 
-
 def _build_failures() -> dict:
     """What the build recorded as failed to compile (setup.py writes fastbert/_build_report.json)."""
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "_build_report.json")
