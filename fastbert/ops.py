@@ -64,7 +64,9 @@ def normalize_valid_lens(valid_lens, n: int, n_queries: Optional[int], n_keys: i
         raise TypeError(f"{name} must be None or a torch.Tensor, got {type(valid_lens).__name__}")
     if valid_lens.dtype == torch.bool or valid_lens.is_complex():
         raise TypeError(f"{name} must hold integer or float lengths, got {valid_lens.dtype}")
-    if valid_lens.device != device:
+    device = torch.device(device)  # "cpu" / "cuda" (no index) name the same place as cpu / cuda:0
+    if valid_lens.device.type != device.type or (
+            device.index is not None and valid_lens.device.index != device.index):
         raise ValueError(f"{name} is on {valid_lens.device} but the data is on {device}")
     if valid_lens.dim() == 1:
         if valid_lens.shape[0] != n:

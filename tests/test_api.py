@@ -70,6 +70,14 @@ def test_mismatched_devices_are_reported():
         fastbert.masked_softmax(X, torch.tensor([1, 2]))
 
 
+def test_device_given_as_a_string_matches_the_same_device():
+    vl = torch.tensor([1, 2])
+    out = fastbert.ops.normalize_valid_lens(vl, 2, 4, 6, "cpu")
+    assert out.dtype == torch.int32 and out.tolist() == [1, 2]
+    with pytest.raises(ValueError, match="valid_lens is on cpu but the data is on meta"):
+        fastbert.ops.normalize_valid_lens(vl, 2, 4, 6, "meta")
+
+
 # ----------------------------------------------------------------------------- the model
 def test_bad_model_inputs_name_the_argument():
     m = small_model()

@@ -13,7 +13,8 @@ import torch
 from fastbert import ops
 from fastbert.backends import reference
 
-from op_testing import (FAST_BACKENDS, assert_close, device_for, dtypes_for, on_backend,
+from op_testing import (FAST_BACKENDS, assert_attention_close, device_for,
+                        dtypes_for, on_backend,
                         valid_lens_cases, require_extension)
 
 BACKEND_DTYPES = [pytest.param(b, d, id=f"{b}-{str(d)[6:]}") for b in FAST_BACKENDS
@@ -80,7 +81,7 @@ def test_forward_backward_matches_reference(backend, dtype, shape, case, poisone
     want_lp = reference_grads(q, k, v, norm_vl, dO)
     for name, g, w64, wlp in zip(("out", "dq", "dk", "dv"), got, want64, want_lp):
         assert g.dtype == dtype
-        assert_close(g, w64, wlp, name=f"attention {name}")
+        assert_attention_close(name, g, w64, wlp, "attention")
 
 
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
@@ -103,7 +104,7 @@ def test_explicit_scale(backend, dtype):
                              scale=0.37)
     want_lp = reference_grads(q, k, v, vl.int(), dO, scale=0.37)
     for name, g, w64, wlp in zip(("out", "dq", "dk", "dv"), got, want64, want_lp):
-        assert_close(g, w64, wlp, name=f"attention {name}")
+        assert_attention_close(name, g, w64, wlp, "attention")
 
 
 def extract_keep_scale(backend, dtype, N, Lq, Lk, p):
@@ -152,7 +153,7 @@ def test_dropout_forward_backward_match_reference_with_the_same_mask(backend, dt
                              dropout_keep=keep.to(device))
     want_lp = reference_grads(q, k, v, norm_vl, dO, dropout_keep=keep.to(device))
     for name, g, w64, wlp in zip(("out", "dq", "dk", "dv"), got, want64, want_lp):
-        assert_close(g, w64, wlp, name=f"attention dropout {name}")
+        assert_attention_close(name, g, w64, wlp, "attention dropout")
 
 
 def test_cpp_dropout_counter_is_the_flat_index():

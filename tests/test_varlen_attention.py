@@ -16,7 +16,8 @@ from torch.overrides import TorchFunctionMode
 from fastbert import ops
 from fastbert.backends import reference
 
-from op_testing import (FAST_BACKENDS, assert_close, device_for, dtypes_for, on_backend, require,
+from op_testing import (FAST_BACKENDS, assert_attention_close, device_for,
+                        dtypes_for, on_backend, require,
                         require_extension)
 
 BACKEND_DTYPES = [pytest.param(b, d, id=f"{b}-{str(d)[6:]}") for b in FAST_BACKENDS
@@ -97,7 +98,7 @@ def test_forward_backward_matches_reference(backend, dtype, shape, poisoned):
     want_lp = reference_grads(q, k, v, cu, max_len, dO)
     for name, g, w64, wlp in zip(("out", "dq", "dk", "dv"), got, want64, want_lp):
         assert g.dtype == dtype
-        assert_close(g, w64, wlp, name=f"varlen_attention {name}")
+        assert_attention_close(name, g, w64, wlp, "varlen_attention")
 
 
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
@@ -112,7 +113,7 @@ def test_explicit_scale_and_upper_bound_max_len(backend, dtype):
     want64 = reference_grads(q.double(), k.double(), v.double(), cu, 6, dO.double(), scale=0.3)
     want_lp = reference_grads(q, k, v, cu, 6, dO, scale=0.3)
     for name, g, w64, wlp in zip(("out", "dq", "dk", "dv"), got, want64, want_lp):
-        assert_close(g, w64, wlp, name=f"varlen_attention {name}")
+        assert_attention_close(name, g, w64, wlp, "varlen_attention")
 
 
 def extract_keep_scale(backend, dtype, lens, H, D, p, seed, q_lens=None):
@@ -184,7 +185,7 @@ def test_dropout_forward_backward_match_reference_with_the_same_mask(backend, dt
                              keep_scale=keep.double())
     want_lp = reference_grads(q, k, v, cu, L, dO, keep_scale=keep)
     for name, g, w64, wlp in zip(("out", "dq", "dk", "dv"), got, want64, want_lp):
-        assert_close(g, w64, wlp, name=f"varlen_attention dropout {name}")
+        assert_attention_close(name, g, w64, wlp, "varlen_attention dropout")
 
 
 def test_cpp_dropout_counter_is_documented():
@@ -295,7 +296,7 @@ def test_cross_length_matches_reference(backend, dtype, case, poisoned):
     want_lp = reference_grads(q, k, v, cu, L, dO, cu_q=cu_q)
     for name, g, w64, wlp in zip(("out", "dq", "dk", "dv"), got, want64, want_lp):
         assert g.dtype == dtype
-        assert_close(g, w64, wlp, name=f"cross varlen_attention {name}")
+        assert_attention_close(name, g, w64, wlp, "cross varlen_attention")
     # A sequence with queries but no keys: zero output, zero dq (exactly).
     for b, (n, nq) in enumerate(zip(lens, q_lens)):
         if n == 0 and nq > 0:
@@ -346,7 +347,7 @@ def test_cross_dropout_matches_reference_with_the_same_mask(backend, dtype):
                              keep_scale=keep.double(), cu_q=cu_q)
     want_lp = reference_grads(q, k, v, cu, L, dO, keep_scale=keep, cu_q=cu_q)
     for name, g, w64, wlp in zip(("out", "dq", "dk", "dv"), got, want64, want_lp):
-        assert_close(g, w64, wlp, name=f"cross varlen_attention dropout {name}")
+        assert_attention_close(name, g, w64, wlp, "cross varlen_attention dropout")
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
