@@ -174,6 +174,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["fastbert"] = {
         "cpu_model": _cpu_model(),
         "cpu_flags": _cpu_flags(),
+        # Which build of the C++ kernels ran (avx512 / avx2 / default) and why: a figure
+        # means little without it (the same machine runs avx2 ~10-15% slower than avx512).
+        "cpu_kernel_variant": fastbert.backends._cpu_variant_line(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -136,6 +136,16 @@ def grouped(rows: List[dict], kind: str) -> "OrderedDict[tuple, List[dict]]":
     return groups
 
 
+def isa_summary(flags: List[str]) -> str:
+    """'AVX-512 (bf16)', 'AVX2 + FMA, no AVX-512' ...: what the figures' CPU could run."""
+    f = set(flags)
+    if "avx512f" in f:
+        return "AVX-512" + (" with bf16" if "avx512_bf16" in f else ", no bf16")
+    if "avx2" in f:
+        return "AVX2" + (" + FMA" if "fma" in f else "") + ", no AVX-512"
+    return "no AVX2" if f else "unknown"
+
+
 def machine_lines(data: dict) -> List[str]:
     mi = data.get("machine_info", {})
     fb = mi.get("fastbert", {})
@@ -153,7 +163,10 @@ def machine_lines(data: dict) -> List[str]:
         + (" (long set)" if fb.get("long_run") else " (default set)"),
         f"- **Machine**: {fb.get('cpu_model', mi.get('processor', '?'))}, "
         f"{fb.get('logical_cpus', '?')} logical CPUs, torch threads {fb.get('torch_threads', '?')}"
-        + (f", GPU {fb['cuda']}" if fb.get("cuda") else ", no GPU"),
+        + (f", GPU {fb['cuda']}" if fb.get("cuda") else ", no GPU")
+        + (f"; vector ISA: {isa_summary(fb['cpu_flags'])}" if fb.get("cpu_flags") else ""),
+        *([f"- **CPU kernels**: {fb['cpu_kernel_variant']}"] if fb.get("cpu_kernel_variant")
+          else []),
         f"- **Software**: Python {mi.get('python_version', '?')}, torch {versions.get('torch')}, "
         f"transformers {versions.get('transformers')}, triton {versions.get('triton')}",
         "- **Backends**: " + ", ".join(f"{k}: {v}" for k, v in fb.get("backends", {}).items()),

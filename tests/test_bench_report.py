@@ -65,6 +65,8 @@ def _fake_run():
         "datetime": "2026-11-22T03:00:00+00:00",
         "machine_info": {"python_version": "3.11", "fastbert": {
             "cpu_model": "Test CPU", "logical_cpus": 2, "torch_threads": 2,
+            "cpu_flags": ["avx", "avx2", "fma"],
+            "cpu_kernel_variant": "cpp CPU kernels: avx2 (best this CPU runs)",
             "versions": {"torch": "2.x"}, "backends": {"reference": "available"},
             "lengths": {"source": "snli test+dev", "pairs": 10, "mean": 26.5, "padded_to": 128}}},
         "benchmarks": [
@@ -90,6 +92,8 @@ def test_report_ratios_come_from_the_d2l_twin_of_the_same_run(tmp_path):
     text = md.read_text()
     assert png.stat().st_size > 0 and "![ratio to d2l eager fp32](benchmarks.png)" in text
     assert "Test CPU" in text and "2026-11-22 03:00 UTC" in text
+    assert "vector ISA: AVX2 + FMA, no AVX-512" in text
+    assert "**CPU kernels**: cpp CPU kernels: avx2 (best this CPU runs)" in text
     row = next(l for l in text.splitlines() if l.startswith("| fastbert-cpp | bf16"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     # median 0.5 s, 64 examples -> 128/s; 6e10 FLOP -> 120 GFLOP/s; ceiling 200 (fp32 only
