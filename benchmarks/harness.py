@@ -184,16 +184,26 @@ def quick_median(fn: Callable[[], object], dev: torch.device, reps: int = 5,
 
 
 def measure(benchmark, fn: Callable[[], object], policy: TimingPolicy,
-            dev: torch.device, budget_s: Optional[float] = None) -> Optional[float]:
+            dev: torch.device, budget_s: Optional[float] = None,
+            iterations: Optional[int] = None, warmup: Optional[int] = None) -> Optional[float]:
     """Warm up ``fn`` (compiles, lazy init), then time it with ``benchmark.pedantic``.
-    Returns the median seconds per call (None when benchmarks are disabled)."""
-    for _ in range(policy.warmup):
+    Returns the median seconds per call (None when benchmarks are disabled).
+
+    ``iterations``: calls per round, fixed (the end-to-end rows pass the length of their
+    batch cycle, so each round is one pass over every batch and the median round is a mean
+    over the batches: throughput over an epoch, not the time of the median batch); by
+    default sized so a round lasts ``policy.round_s``.  ``warmup``: calls before timing
+    (default ``policy.warmup``).  A quick policy always times one call."""
+    quick = policy.max_rounds == 1
+    for _ in range(policy.warmup if warmup is None or quick else warmup):
         fn()
     # Calibrate on the fastest of a few calls: one call that a busy machine stalls would
     # otherwise size every round to a single iteration, and each round would carry a stall.
-    one = min(_once(fn, dev) for _ in range(3 if policy.round_s else 1))
+    one = min(_once(fn, dev) for _ in range(3 if (policy.round_s or iterations) and not quick
+                                            else 1))
     budget = policy.budget_s if budget_s is None else budget_s
-    iterations = max(1, int(policy.round_s / max(one, 1e-9))) if policy.round_s else 1
+    if iterations is None or quick:
+        iterations = max(1, int(policy.round_s / max(one, 1e-9))) if policy.round_s else 1
     rounds = int(budget / max(one * iterations, 1e-9)) if budget else policy.min_rounds
     rounds = max(policy.min_rounds, min(policy.max_rounds, rounds))
 
