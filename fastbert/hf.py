@@ -69,7 +69,7 @@ from .bert import BERTModel
 from .data.wordpiece import WordPieceTokenizer
 
 __all__ = ["is_hf_checkpoint", "load_hf_bert", "load_hf_config", "hf_to_fastbert_state_dict",
-           "export_hf_bert", "HFCheckpointError"]
+           "export_hf_bert", "export_hf_classifier", "HFCheckpointError"]
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 ACTIVATIONS = {"gelu": "gelu", "relu": "relu"}  # HF "gelu" is the exact (erf) GELU, as ours
@@ -426,3 +426,154 @@ def export_hf_bert(model: BERTModel, path, tokenizer: Optional[WordPieceTokenize
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump({"do_lower_case": tokenizer.lowercase, "tokenizer_class": "BertTokenizer"},
                       f, indent=2)
+
+
+# ------------------------------------------------------------------ export: the classifier
+# A d2l-book model (no LayerNorm after the embedding sum) is not a stock BertModel: the
+# exported folder carries this module and names it in config.json's auto_map, so
+# ``AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)`` builds
+# BERT with that LayerNorm removed.  Its own model_type makes a load without
+# trust_remote_code fail instead of silently running a LayerNorm the model never had.
+BOOK_MODEL_TYPE = "fastbert_book_bert"
+BOOK_MODELING_FILE = "modeling_fastbert_book.py"
+_BOOK_MODELING_SOURCE = '''"""The d2l book's BERT for Hugging Face transformers (written by fastbert's export).
+
+The book's encoder is BERT without the LayerNorm after the embedding sum; everything else
+(post-LN blocks, biases, learned positions, segment embeddings, the tanh pooler on the
+first token) is BERT's.  Load with trust_remote_code=True."""
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+
+class FastbertBookBertConfig(BertConfig):
+    model_type = "fastbert_book_bert"
+
+
+def _drop_embedding_norm(bert):
+    bert.embeddings.LayerNorm = nn.Identity()
+
+
+class FastbertBookBertModel(BertModel):
+    config_class = FastbertBookBertConfig
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        _drop_embedding_norm(self)
+
+
+class FastbertBookBertForSequenceClassification(BertForSequenceClassification):
+    config_class = FastbertBookBertConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _drop_embedding_norm(self.bert)
+'''
+
+
+def _encoder_state_to_hf(model_state: Dict[str, torch.Tensor], num_layers: int,
+                         prefix: str = "bert.") -> Dict[str, torch.Tensor]:
+    """fastbert encoder + ``hidden`` (pooler) tensors under HF ``BertModel`` names."""
+    reverse = {}
+    for hf_stem, ours in _FIXED.items():
+        if ours.startswith(("mlm.", "nsp.")):
+            continue
+        for leaf in ("weight", "bias"):
+            reverse[f"{ours}.{leaf}"] = f"{hf_stem}.{leaf}"
+    for i in range(num_layers):
+        for hf_stem, ours in _LAYER.items():
+            for leaf in ("weight", "bias"):
+                reverse[f"encoder.blks.{i}.{ours}.{leaf}"] = f"encoder.layer.{i}.{hf_stem}.{leaf}"
+    out = {}
+    for name, value in model_state.items():
+        if name == "encoder.pos_embedding":
+            out[prefix + "embeddings.position_embeddings.weight"] = value[0]
+        elif name in reverse:
+            out[prefix + reverse[name]] = value
+    return out
+
+
+def export_hf_classifier(classifier, path, tokenizer: Optional[WordPieceTokenizer] = None,
+                         vocab_tokens=None, id2label: Optional[Dict[int, str]] = None,
+                         pad_token_id: int = 0) -> Dict[str, object]:
+    """Write a fine-tuned ``fastbert.BERTClassifier`` (encoder, ``hidden`` = Linear + Tanh,
+    ``output`` Linear) as a Hugging Face ``BertForSequenceClassification`` folder:
+    ``bert.*`` (the pooler is ``hidden``), ``classifier`` (``output``), config.json,
+    model.safetensors, and ``vocab.txt`` (the tokenizer's, or ``vocab_tokens`` in id order).
+
+    A model with BERT's embedding LayerNorm loads with plain
+    ``AutoModelForSequenceClassification.from_pretrained(path)``; the d2l book's (without
+    it) gets ``model_type`` ``fastbert_book_bert`` and a modeling file, and loads with
+    ``trust_remote_code=True``.  Returns the config written."""
+    from safetensors.torch import save_file
+
+    enc = classifier.encoder
+    blks = list(enc.blks)
+    blk0 = blks[0]
+    if blk0.attention.W_q.bias is None:
+        raise HFCheckpointError("HF BERT has attention biases; this model has none")
+    eps_all = {b.addnorm1.ln.eps for b in blks} | {b.addnorm2.ln.eps for b in blks}
+    book = getattr(enc, "embedding_norm", None) is None
+    if not book:
+        eps_all.add(enc.embedding_norm.eps)
+    if len(eps_all) != 1:
+        raise HFCheckpointError(f"HF BERT has one layer_norm_eps; this model uses {eps_all}")
+    acts = {b.ffn.activation for b in blks}
+    if len(acts) != 1:
+        raise HFCheckpointError("HF BERT has one hidden_act; this model's blocks differ")
+    act, eps = acts.pop(), eps_all.pop()
+    if not isinstance(classifier.hidden[1], nn.Tanh):
+        raise HFCheckpointError("HF's pooler is Linear + Tanh; this classifier's hidden "
+                                "layer differs")
+    state = classifier.state_dict()
+    out = _encoder_state_to_hf(state, len(blks))
+    out["classifier.weight"] = state["output.weight"]
+    out["classifier.bias"] = state["output.bias"]
+    out = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in out.items()}
+    C = enc.token_embedding.embedding_dim
+    k = classifier.output.out_features
+    id2label = id2label or {i: f"LABEL_{i}" for i in range(k)}
+    config = {
+        "architectures": ["FastbertBookBertForSequenceClassification" if book
+                          else "BertForSequenceClassification"],
+        "model_type": BOOK_MODEL_TYPE if book else "bert",
+        "vocab_size": enc.token_embedding.num_embeddings, "hidden_size": C,
+        "num_hidden_layers": len(blks), "num_attention_heads": blk0.attention.num_heads,
+        "intermediate_size": blk0.ffn.dense1.out_features, "hidden_act": act,
+        "hidden_dropout_prob": blk0.addnorm1.dropout.p,
+        "attention_probs_dropout_prob": blk0.attention.attention.dropout.p,
+        "classifier_dropout": None,
+        "max_position_embeddings": enc.pos_embedding.shape[1], "type_vocab_size": 2,
+        "layer_norm_eps": eps, "position_embedding_type": "absolute",
+        "pad_token_id": tokenizer.pad_id if tokenizer is not None else pad_token_id,
+        "id2label": {str(i): n for i, n in id2label.items()},
+        "label2id": {n: i for i, n in id2label.items()},
+        "problem_type": "single_label_classification",
+        "tie_word_embeddings": False,
+    }
+    if book:
+        mod = os.path.splitext(BOOK_MODELING_FILE)[0]
+        config["auto_map"] = {
+            "AutoConfig": f"{mod}.FastbertBookBertConfig",
+            "AutoModel": f"{mod}.FastbertBookBertModel",
+            "AutoModelForSequenceClassification":
+                f"{mod}.FastbertBookBertForSequenceClassification"}
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    save_file(out, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    if book:
+        with open(os.path.join(path, BOOK_MODELING_FILE), "w", encoding="utf-8") as f:
+            f.write(_BOOK_MODELING_SOURCE)
+    tokens = tokenizer.idx_to_token if tokenizer is not None else vocab_tokens
+    if tokens is not None:
+        if any("\n" in t or "\r" in t for t in tokens):
+            raise HFCheckpointError("a vocabulary token holds a line break: vocab.txt would "
+                                    "shift every id after it")
+        with open(os.path.join(path, "vocab.txt"), "w", encoding="utf-8") as f:
+            f.write("".join(t + "\n" for t in tokens))
+    if tokenizer is not None:
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"do_lower_case": tokenizer.lowercase, "tokenizer_class": "BertTokenizer"},
+                      f, indent=2)
+    return config

@@ -15,6 +15,7 @@ import functools
 import os
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,9 +30,10 @@ from .common import (MetricsLog, RunConfig, Timer, all_reduce_sum, autocast,
                      find_resume_checkpoint, load_checkpoint,
                      make_adam, make_grad_scaler, progress, resolve_device, rng_state,
                      run_training, save_checkpoint, seed_everything, set_rng_state)
+from .use import bert_options, is_run, load_run
 
 __all__ = ["FinetuneConfig", "finetune", "PairDataset", "build_finetune_model",
-           "prepare_snli_datasets", "evaluate_accuracy"]
+           "prepare_snli_datasets", "evaluate_accuracy", "eval_loader", "eval_batches"]
 
 # The book's model sizes for its two pretrained models (load_pretrained_model arguments).
 BOOK_SIZES = {"bert.small": dict(num_hiddens=256, ffn_num_hiddens=512, num_heads=4,
@@ -103,6 +105,8 @@ def build_finetune_model(cfg: FinetuneConfig, train_data=None):
                 overrides["dropout"] = cfg.dropout
             bert, tokenizer = hf.load_hf_bert(p, **overrides)
             return bert, None, tokenizer
+        if os.path.exists(p) and is_run(p):
+            return _from_pretraining_run(p, cfg)
         if p in DATA_HUB:
             sizes = dict(BOOK_SIZES[p]) if p in BOOK_SIZES else None
         else:
@@ -111,6 +115,7 @@ def build_finetune_model(cfg: FinetuneConfig, train_data=None):
                                weights_only=True)
             sizes = infer_bert_config(state)
             sizes.pop("vocab_size")
+            sizes.update(_exported_sizes(folder, sizes))
             p = folder
         if sizes is None:
             raise ValueError(f"{p} is not a pretrained BERT in DATA_HUB")
@@ -137,6 +142,43 @@ def build_finetune_model(cfg: FinetuneConfig, train_data=None):
     return bert, vocab, None
 
 
+def _exported_sizes(folder: str, inferred: dict) -> dict:
+    """The head count (which the tensors do not show) from the ``sizes.json`` that
+    ``python -m fastbert export --to book`` writes beside ``pretrained.params``."""
+    path = os.path.join(folder, "sizes.json")
+    if not os.path.isfile(path):
+        return {}
+    import json
+    with open(path, encoding="utf-8") as f:
+        sizes = json.load(f)
+    heads = sizes.get("num_heads")
+    if not isinstance(heads, int) or heads < 1 or inferred["num_hiddens"] % heads:
+        raise ValueError(f"{path}: num_heads must be a positive divisor of num_hiddens "
+                         f"({inferred['num_hiddens']}), got {heads!r}")
+    return {"num_heads": heads}
+
+
+def _from_pretraining_run(path: str, cfg: FinetuneConfig):
+    """``(bert, vocab, None)`` from a ``python -m fastbert pretrain --out-dir`` folder (or
+    one of its checkpoints): the book's workflow, pretrain then fine-tune the encoder."""
+    run = load_run(path)
+    if run.kind != "pretrain":
+        raise ValueError(f"--pretrained {path} is a {run.kind} run, not a pretraining run "
+                         f"(python -m fastbert pretrain --out-dir ...)")
+    bert = run.model
+    positions = bert.encoder.pos_embedding.shape[1]
+    if cfg.max_len > positions:
+        raise ValueError(f"--max-len {cfg.max_len} exceeds the {positions} positions of the "
+                         f"pretraining run {path}: fine-tune with --max-len {positions} (or "
+                         f"less), or pretrain with a larger --max-len")
+    # The book fine-tunes its pretrained models with dropout 0.2 (load_pretrained_model).
+    p = 0.2 if cfg.dropout is None else cfg.dropout
+    for m in bert.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+    return bert.cpu().train(), run.vocab, None
+
+
 def _limit(data, n):
     return data if n is None else tuple(x[:n] for x in data)
 
@@ -153,25 +195,46 @@ def prepare_snli_datasets(cfg: FinetuneConfig, vocab: Optional[Vocab], tokenizer
             SNLIBERTDataset(test_data, cfg.max_len, vocab, verbose=verbose))
 
 
-def _loader(ds, sampler, cfg: FinetuneConfig):
-    collate = (functools.partial(trim_collate, nested=True) if cfg.trim
+def _loader(ds, sampler, cfg: FinetuneConfig = None, trim: bool = True, num_workers: int = 0):
+    if cfg is not None:
+        trim, num_workers = cfg.trim, cfg.num_workers
+    collate = (functools.partial(trim_collate, nested=True) if trim
                else torch.utils.data.default_collate)
     # Its own generator: iterating never touches the global RNG (exact resume).
     return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
-                                       num_workers=cfg.num_workers,
+                                       num_workers=num_workers,
                                        generator=torch.Generator().manual_seed(0))
+
+
+def eval_loader(dataset, batch_size: int, bucket: bool = True, trim: bool = True,
+                num_workers: int = 0, rank: int = 0, world_size: int = 1):
+    """The evaluation loader (fixed order; with ``bucket``, batches of similar length;
+    ``trim``: each batch cut to its longest pair) and ``order``, the dataset indices in
+    the order the loader yields them (one process: every example once)."""
+    sampler = GlobalBatchSampler(len(dataset), batch_size, shuffle=False,
+                                 lengths=dataset.lengths, bucket=bucket, rank=rank,
+                                 world_size=world_size, keep_uneven=True)
+    batches = sampler.global_batches()
+    order = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
+    return _loader(dataset, sampler, trim=trim, num_workers=num_workers), order
+
+
+def eval_batches(net, loader, device, amp: str = "off"):
+    """``(logits, labels)`` per batch of ``loader``, in eval mode without gradients (the one
+    evaluation loop: fine-tuning's test accuracy, ``evaluate`` and ``predict``)."""
+    net.eval()
+    with torch.no_grad(), autocast(device, amp):
+        for X, y in loader:
+            X = [x.to(device) for x in X]
+            yield net(X), y.to(device)
 
 
 def evaluate_accuracy(net, loader, device, amp: str = "off", dist=None) -> float:
     """Accuracy over a (possibly sharded) loader (d2l's ``evaluate_accuracy_gpu``)."""
-    net.eval()
     acc = torch.zeros(2, dtype=torch.float64)
-    with torch.no_grad(), autocast(device, amp):
-        for X, y in loader:
-            X = [x.to(device) for x in X]
-            y = y.to(device)
-            acc[0] += (net(X).argmax(dim=1) == y).sum().item()
-            acc[1] += y.numel()
+    for logits, y in eval_batches(net, loader, device, amp):
+        acc[0] += (logits.argmax(dim=1) == y).sum().item()
+        acc[1] += y.numel()
     if dist is not None:
         all_reduce_sum(acc, dist)
     return float(acc[0] / max(acc[1], 1))
@@ -238,12 +301,10 @@ def _finetune(cfg: FinetuneConfig, dist) -> Dict[str, Any]:
                                        seed=cfg.seed, lengths=train_set.lengths,
                                        bucket=cfg.bucket, rank=dist.rank,
                                        world_size=dist.world_size)
-    test_sampler = GlobalBatchSampler(len(test_set), cfg.eval_batch_size or cfg.batch_size,
-                                      shuffle=False, lengths=test_set.lengths,
-                                      bucket=cfg.bucket, rank=dist.rank,
-                                      world_size=dist.world_size, keep_uneven=True)
-    train_iter, test_iter = _loader(train_set, train_sampler, cfg), _loader(test_set,
-                                                                            test_sampler, cfg)
+    train_iter = _loader(train_set, train_sampler, cfg)
+    test_iter, _ = eval_loader(test_set, cfg.eval_batch_size or cfg.batch_size,
+                               bucket=cfg.bucket, trim=cfg.trim, num_workers=cfg.num_workers,
+                               rank=dist.rank, world_size=dist.world_size)
     model = net
     if dist.enabled:
         model = nn.parallel.DistributedDataParallel(
@@ -263,7 +324,7 @@ def _finetune(cfg: FinetuneConfig, dist) -> Dict[str, Any]:
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
                 "partial": partial_sums, "rng": rng_state(), "log": log.data,
-                "config": dataclasses.asdict(cfg),
+                "config": dataclasses.asdict(cfg), "bert_options": bert_options(bert),
                 "vocab": vocab.idx_to_token if vocab is not None else None})
 
     if ckpt is not None:

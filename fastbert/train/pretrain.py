@@ -28,6 +28,7 @@ from .common import (MetricsLog, RunConfig, Timer, all_reduce_sum, autocast,
                      find_resume_checkpoint, load_checkpoint,
                      make_adam, make_grad_scaler, progress, resolve_device, rng_state,
                      run_training, save_checkpoint, seed_everything, set_rng_state)
+from .use import bert_options
 
 __all__ = ["PretrainConfig", "pretrain", "PretrainLoss", "batch_loss_bert"]
 
@@ -175,7 +176,7 @@ def _pretrain(cfg: PretrainConfig, dist) -> Dict[str, Any]:
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
                 "rng": rng_state(), "log": log.data, "config": dataclasses.asdict(cfg),
-                "vocab": vocab.idx_to_token})
+                "bert_options": bert_options(bert), "vocab": vocab.idx_to_token})
 
     if ckpt is not None:
         set_rng_state(ckpt["rng"])
