@@ -321,9 +321,9 @@ def format_report(res: Dict[str, Any]) -> str:
         lines.append(f"{n:{w}}{c['precision']:9.4f} {c['recall']:7.4f} {c['f1']:7.4f} "
                      f"{c['support']:8d}")
     lines += ["", "confusion matrix (rows: true, columns: predicted)",
-              f"{'':{w}}" + "".join(f"{n[:12]:>14}" for n in names)]
+              f"{'':{w}}" + "".join(f"{n:>15}" for n in names)]
     for n, row in zip(names, res["confusion_matrix"]):
-        lines.append(f"{n:{w}}" + "".join(f"{v:14d}" for v in row))
+        lines.append(f"{n:{w}}" + "".join(f"{v:15d}" for v in row))
     return "\n".join(lines)
 
 
