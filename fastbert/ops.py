@@ -246,16 +246,18 @@ def _check_cu_seqlens_q(cu_seqlens_q, cu_seqlens, Tq: int, device) -> None:
                          f"cu_seqlens, got {cu_seqlens_q.shape[0]}")
 
 
-# Backends whose varlen_attention kernel takes row-padded q, k, v itself (see below).
-_ROW_PADDING_NATIVE = {"cpp"}
+# Backends whose varlen_attention kernel takes row-padded q, k, v itself (see below): the
+# cpp kernel, and the Triton kernels (zero rows past the last offset, read on the device).
+_ROW_PADDING_NATIVE = {"cpp", "triton"}
 
 
 def _varlen_without_row_padding(impl, q, k, v, cu_seqlens, max_len, dropout_p, scale, seed,
                                 cu_seqlens_q):
-    """Run a backend that expects exactly the valid rows: cut q, k, v to them, and give the
-    output zero rows for the queries' padding."""
-    if _compiling() or q.device.type != "cpu":
-        return None  # bert.py row-pads eager CPU runs only; reading the offsets would sync a GPU
+    """Run a backend that expects exactly the valid rows (the reference): cut q, k, v to
+    them, and give the output zero rows for the queries' padding.  Reads the offsets (a host
+    sync on a GPU, as the reference's own unpack does)."""
+    if _compiling():
+        return None
     Tk = int(cu_seqlens[-1])
     Tq = Tk if cu_seqlens_q is None else int(cu_seqlens_q[-1])
     if Tq == q.shape[0] and Tk == k.shape[0]:
@@ -279,7 +281,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_len: int, dropout_p: float = 0.0,
     sequence with queries but no keys outputs zeros (zero gradients).  Returns
     ``[Tq, H, D]``.
 
-    Row padding (CPU tensors): q, k, v may hold rows past their last offset
+    Row padding (every backend, every device): q, k, v may hold rows past their last offset
     (``cu_seqlens[-1]``, or ``cu_seqlens_q[-1]`` for q): they belong to no sequence, get zero
     output and zero gradients, and change nothing else (dropout included).  The unpadded
     encoder uses it to round its row count up (fastbert/bert.py)."""

@@ -25,8 +25,14 @@ backward recomputes p = exp(s - m) / l.  (A single log-sum-exp m + log l would r
 ulp of its magnitude and cost fp32 gradients ~8x torch's error.)
 
 Dropout: element (h, query row r, key row c) is kept iff philox(seed, (h*TQ + r)*TK + c) >= p
-(kernels/dropout.py; TQ, TK = total q and k rows, the same for self-attention), so the backward regenerates the mask and
-:func:`dropout_keep_mask` can hand tests the same mask.
+(kernels/dropout.py; TQ, TK = the q and k rows: in the packed modes the valid rows, the last
+offsets, read on the device; the same for self-attention), so the backward regenerates the
+mask and :func:`dropout_keep_mask` can hand tests the same mask.
+
+Row padding (packed modes): q, k, v may hold rows past their last offset (the encoder's row
+bucketing).  They belong to no sequence: the kernels never read them into any sequence, the
+dropout counter ignores them (above), and their output and gradient rows are written as zeros
+(``_zero_rows_kernel``), so nothing else changes, bit for bit.
 """
 from __future__ import annotations
 
@@ -55,6 +61,30 @@ def _seq_bounds(CU, CUQ, z, Lq, Lk, VARLEN: tl.constexpr):
         return row0, row0, n, n
     else:
         return z * Lq, z * Lk, Lq, Lk
+
+
+@triton.jit
+def _counter_extents(CU, CUQ, TQ, TK, VARLEN: tl.constexpr):
+    """(Tq, Tk) of the dropout counter.  Packed modes: the valid row counts, the last
+    offsets (loaded here, no host sync), so rows past them (row padding) change no bit of
+    the mask; padded mode: the tensors' rows."""
+    B = tl.num_programs(1)
+    if VARLEN == 2:
+        return tl.load(CUQ + B).to(tl.int64), tl.load(CU + B).to(tl.int64)
+    elif VARLEN:
+        n = tl.load(CU + B).to(tl.int64)
+        return n, n
+    else:
+        return TQ, TK
+
+
+@triton.jit
+def _zero_rows_kernel(X, LAST, n_elems, row_elems, BLOCK: tl.constexpr):
+    """Zero the rows at and past ``*LAST`` (the last offset) of a row-major tensor: the
+    rows of row padding, which no sequence owns and the attention kernels never write."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    start = tl.load(LAST).to(tl.int64) * row_elems
+    tl.store(X + offs, tl.zeros((BLOCK,), X.dtype.element_ty), mask=(offs >= start) & (offs < n_elems))
 
 
 @triton.jit
@@ -129,7 +159,8 @@ def _flash_fwd_kernel(Q, K, V, O, STATS, CU, VL, seed, dropout_p, scale, H, Lq, 
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)  # the softmax denominator ignores dropout
             if DROPOUT:
-                offs = (h * TQ + rows_q)[:, None] * TK + rows_k[None, :]
+                ctq, ctk = _counter_extents(CU, VL, TQ, TK, VARLEN)
+                offs = (h * ctq + rows_q)[:, None] * ctk + rows_k[None, :]
                 p = tl.where(dropout_keep(seed, offs, dropout_p), p / (1.0 - dropout_p), 0.0)
             v = tl.load(V + (rows_k * H + h)[:, None] * DV + offs_dv[None, :],
                         mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
@@ -160,7 +191,7 @@ def _p_dp_block(q, do, K, V, start_n, k_row0, seqlen_k, h, H, rows_q, lim, empty
     s = _scores(q, k, offs_n, lim, empty, scale, PREC)
     p = tl.exp(s - m_i[:, None]) * inv_l[:, None]
     dp = mma(do, tl.trans(v), PREC)
-    if DROPOUT:
+    if DROPOUT:  # TQ, TK: the counter's extents (_counter_extents)
         offs = (h * TQ + rows_q)[:, None] * TK + rows_k[None, :]
         dp = tl.where(dropout_keep(seed, offs, dropout_p), dp / (1.0 - dropout_p), 0.0)
     return k, p, dp
@@ -196,11 +227,12 @@ def _flash_bwd_dq_kernel(Q, K, V, O, DO, STATS, DELTA, DQ, CU, VL, seed, dropout
         m_i, inv_l = _row_stats(STATS, h, H, TQ, rows_q, m_ok)
         lim, empty = _key_limits(VL, z, offs_m, m_ok, Lq, seqlen_k, VL_MODE)
         n_end = _key_loop_end(VL, z, seqlen_k, VL_MODE)
+        ctq, ctk = _counter_extents(CU, VL, TQ, TK, VARLEN)
         if EXACT_DELTA:
             delta = tl.zeros((BLOCK_M,), tl.float32)
             for start_n in range(0, n_end, BLOCK_N):
                 _, p, dp = _p_dp_block(q, do, K, V, start_n, k_row0, seqlen_k, h, H, rows_q,
-                                       lim, empty, m_i, inv_l, seed, dropout_p, scale, TQ, TK,
+                                       lim, empty, m_i, inv_l, seed, dropout_p, scale, ctq, ctk,
                                        offs_d, offs_dv, D, DV, DROPOUT, PREC, BLOCK_N)
                 delta += tl.sum(p * dp, axis=1)
         else:
@@ -210,7 +242,7 @@ def _flash_bwd_dq_kernel(Q, K, V, O, DO, STATS, DELTA, DQ, CU, VL, seed, dropout
         dq = tl.zeros((BLOCK_M, D_PAD), tl.float32)
         for start_n in range(0, n_end, BLOCK_N):
             k, p, dp = _p_dp_block(q, do, K, V, start_n, k_row0, seqlen_k, h, H, rows_q, lim,
-                                   empty, m_i, inv_l, seed, dropout_p, scale, TQ, TK, offs_d,
+                                   empty, m_i, inv_l, seed, dropout_p, scale, ctq, ctk, offs_d,
                                    offs_dv, D, DV, DROPOUT, PREC, BLOCK_N)
             ds = tl.where(empty[:, None] | ~m_ok[:, None], 0.0, p * (dp - delta[:, None]))
             dq += mma(cast(ds, k.dtype), k, PREC)
@@ -256,7 +288,8 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV_OUT, CU, VL, seed, 
             p = tl.where(m_ok[:, None], tl.exp(s - m_i[:, None]) * inv_l[:, None], 0.0)
             dp = mma(do, tl.trans(v), PREC)
             if DROPOUT:
-                offs = (h * TQ + rows_q)[:, None] * TK + rows_k[None, :]
+                ctq, ctk = _counter_extents(CU, VL, TQ, TK, VARLEN)
+                offs = (h * ctq + rows_q)[:, None] * ctk + rows_k[None, :]
                 keep = dropout_keep(seed, offs, dropout_p)
                 p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
                 dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
@@ -317,6 +350,21 @@ class Problem:
         return (self.cu, self.vl, self.seed, self.dropout_p, self.scale, self.H, self.Lq,
                 self.Lk, self.TQ, self.TK)
 
+    def zero_padding_rows(self, *pairs):
+        """Packed modes: zero the rows past the last offset (row padding: q, k, v may hold
+        rows that belong to no sequence; the kernels never write them).  One small launch per
+        tensor that reads the offset on the device (no host sync); it writes only those rows.
+        ``pairs``: (tensor, "q" | "k") for the offsets that end its rows."""
+        if not self.varlen:
+            return
+        for t, side in pairs:
+            if not t.numel():
+                continue
+            offsets = self.vl if (side == "q" and self.varlen == 2) else self.cu
+            block = 1024
+            _zero_rows_kernel[(triton.cdiv(t.numel(), block),)](
+                t, offsets[offsets.shape[0] - 1:], t.numel(), t[0].numel(), BLOCK=block)
+
     def forward(self):
         out = torch.empty(self.q.shape[:-1] + (self.DV,), dtype=self.q.dtype, device=self.q.device)
         stats = torch.empty((2, self.H, self.TQ), dtype=torch.float32, device=self.q.device)
@@ -324,6 +372,7 @@ class Problem:
             grid = (triton.cdiv(self.max_q, self.block_m), self.n_seqs, self.H)
             _flash_fwd_kernel[grid](self.q, self.k, self.v, out, stats, *self.scalars(),
                                     **self.meta())
+            self.zero_padding_rows((out, "q"))
         elif out.numel():
             out.zero_()
         return out, stats
@@ -341,6 +390,7 @@ class Problem:
         grid_k = (triton.cdiv(self.max_k, self.block_n), self.n_seqs, self.H)
         _flash_bwd_dkdv_kernel[grid_k](self.q, self.k, self.v, dout, stats, delta, dk, dv,
                                        *self.scalars(), **self.meta())
+        self.zero_padding_rows((dq, "q"), (dk, "k"), (dv, "k"))
         return dq, dk, dv
 
 

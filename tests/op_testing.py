@@ -23,9 +23,17 @@ REQUIRED = {b for b in os.environ.get("FASTBERT_REQUIRE_BACKENDS", "").split(","
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
 
 
-def device_for(backend: str) -> torch.device:
-    """CUDA when there is one (and the backend serves it), else CPU (Triton: interpreter)."""
-    if torch.cuda.is_available() and backend == "triton":
+def device_for(backend: str, op: str | None = None) -> torch.device:
+    """The device a test of ``backend`` runs on: CUDA when there is a GPU and the backend
+    serves it there, else CPU (Triton: its interpreter).  ``triton``: CUDA; ``reference``:
+    CUDA (it runs on any device: its cases then run where the fast ones do); ``cpp``: CUDA
+    only for an ``op`` with a CUDA twin in this build (csrc/cuda/), else CPU, where its
+    kernels are (a model, ``op=None``, runs ops that have none: CPU)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if backend in ("triton", "reference"):
+        return torch.device("cuda")
+    if backend == "cpp" and op is not None and backends._load("cpp").supports(op, "cuda", None) is None:
         return torch.device("cuda")
     return torch.device("cpu")
 

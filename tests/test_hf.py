@@ -548,7 +548,9 @@ MODEL_OPS = {False: ("attention", "add_layernorm", "ffn"),
 
 @pytest.mark.parametrize("unpadded", [False, True], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("backend", ("reference",) + FAST_BACKENDS)
-def test_minilm_matches_transformers_on_snli(minilm, backend, unpadded):
+def test_minilm_matches_transformers_on_snli(minilm, backend, unpadded, device):
+    """On the backend's device (the ``device`` fixture: CUDA for Triton on a GPU machine);
+    transformers' model, the expectation, stays on the CPU."""
     model, tok, theirs = minilm
     premises, hypotheses = _snli_pairs()
     # Varied lengths (short and long pairs in one padded batch); fewer under the interpreter.
@@ -560,14 +562,18 @@ def test_minilm_matches_transformers_on_snli(minilm, backend, unpadded):
     with torch.no_grad():
         want = theirs(input_ids=tokens, token_type_ids=segments, attention_mask=mask)
     run_on = (fastbert.use_backend(backend) if backend == "reference" else
-              ran_on(backend, torch.device("cpu"), torch.float32, MODEL_OPS[unpadded]))
+              ran_on(backend, device, torch.float32, MODEL_OPS[unpadded]))
     model.encoder.unpadded = unpadded
     try:
+        model.to(device)
         with torch.no_grad(), run_on:
-            enc, _, _ = model(tokens, segments, valid_lens)
+            enc, _, _ = model(tokens.to(device), segments.to(device), valid_lens.to(device))
             pooled = model.hidden(enc[:, 0])
     finally:
         model.encoder.unpadded = None
+        model.to("cpu")  # the fixture is shared by the module's tests
+    assert enc.device.type == device.type
+    enc, pooled = enc.cpu(), pooled.cpu()
     m = mask.bool()
     torch.testing.assert_close(enc[m], want.last_hidden_state[m], rtol=0, atol=1e-4)
     torch.testing.assert_close(pooled, want.pooler_output, rtol=0, atol=1e-4)

@@ -19,6 +19,7 @@ from op_testing import (ATOL, FAST_BACKENDS, assert_close, device_for, dtypes_fo
                         ran_on, require)
 
 GLUE = {"cpp": "fastbert.backends.cpp.mlm_loss", "triton": "fastbert.backends.triton.mlm_loss"}
+DEVICE_OP = "mlm_loss"  # the ``device`` fixture's op (conftest.py)
 
 # id: (B, L, C, C', V, P, vocab chunk, kind)
 CASES = {
@@ -319,39 +320,42 @@ def test_opcheck(backend):
 
 
 @pytest.mark.parametrize("backend", ("reference",) + FAST_BACKENDS)
-def test_compile_fullgraph(backend):
-    device = device_for(backend)
+def test_compile_fullgraph(backend, device):
     block = (fastbert.use_backend(backend) if backend == "reference" else
              ran_on(backend, device, torch.float32, ("mlm_loss",)))
     inputs = make_inputs(3, 9, 16, 12, 100, 5)
     torch._dynamo.reset()
     X, positions, weights, labels, params = inputs
-    X, params = X.float().requires_grad_(), [p.float().requires_grad_() for p in params]
+    positions, weights, labels = positions.to(device), weights.to(device), labels.to(device)
+    X = X.to(device, torch.float32).requires_grad_()
+    params = [p.to(device, torch.float32).requires_grad_() for p in params]
     compiled = torch.compile(ops.mlm_loss, fullgraph=True, backend="aot_eager")
     with block:
         eager_loss = ops.mlm_loss(X, positions, weights, labels, *params)
         eager_grads = torch.autograd.grad(eager_loss, [X] + params)
         loss = compiled(X, positions, weights, labels, *params)
         grads = torch.autograd.grad(loss, [X] + params)  # through the compiled backward
+    assert loss.device.type == device.type
     torch.testing.assert_close(loss, eager_loss)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e)
 
 
 @pytest.mark.parametrize("backend", ("reference",) + FAST_BACKENDS)
-def test_autocast_casts_to_the_autocast_dtype(backend):
-    device = device_for(backend)
+def test_autocast_casts_to_the_autocast_dtype(backend, device):
     block = (fastbert.use_backend(backend) if backend == "reference" else
              ran_on(backend, device, torch.bfloat16, ("mlm_loss",)))
     X, positions, weights, labels, params = make_inputs(3, 9, 16, 12, 100, 5)
-    X, params = X.float().requires_grad_(), [p.float().requires_grad_() for p in params]
+    positions, weights, labels = positions.to(device), weights.to(device), labels.to(device)
+    X = X.to(device, torch.float32).requires_grad_()
+    params = [p.to(device, torch.float32).requires_grad_() for p in params]
     with block:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = ops.mlm_loss(X, positions, weights, labels, *params)
         grads = torch.autograd.grad(loss, [X] + params)
         explicit = ops.mlm_loss(X.bfloat16(), positions, weights, labels,
                                 *[p.bfloat16() for p in params])
-    assert loss.dtype == torch.float32
+    assert loss.dtype == torch.float32 and loss.device.type == device.type
     assert torch.equal(loss, explicit)
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
@@ -442,9 +446,8 @@ BOOK_PATH_OPS = ("pack", "unpack", "embedding_sum", "varlen_attention", "add_lay
 
 
 @pytest.mark.parametrize("backend", ("reference",) + FAST_BACKENDS)
-def test_book_compatible_is_the_books_formula(backend):
-    device = torch.device("cpu")
-    net, batch = small_bert(), pretrain_batch()
+def test_book_compatible_is_the_books_formula(backend, device):
+    net, batch = small_bert().to(device), [t.to(device) for t in pretrain_batch()]
     block = (fastbert.use_backend("reference") if backend == "reference"
              else ran_on(backend, device, torch.float32, BOOK_PATH_OPS))
     with block as log:
@@ -454,7 +457,7 @@ def test_book_compatible_is_the_books_formula(backend):
         ran = {op for op, _ in log}
         assert "mlm_loss" not in ran and "varlen_attention" in ran, ran
     for a, b in zip(ours, book):
-        assert torch.equal(a, b)
+        assert a.device.type == device.type and torch.equal(a, b)
     # The book's MLM loss is the plain mean over all slots, padding included.
     with (fastbert.use_backend(backend) if backend == "reference"
           else ran_on(backend, device, torch.float32, BOOK_PATH_OPS)):
@@ -493,9 +496,10 @@ def unfused_real_slot_loss(net, batch):
 
 @pytest.mark.parametrize("unpadded", (False, True))
 @pytest.mark.parametrize("backend", ("reference",) + FAST_BACKENDS)
-def test_default_loss_is_the_real_slot_mean(backend, unpadded):
+def test_default_loss_is_the_real_slot_mean(backend, unpadded, device):
     """bert_pretrain_loss (fused head) vs the unfused formula on the full MaskLM output,
-    losses and every parameter's gradient, with the padded and the unpadded encoder."""
+    losses and every parameter's gradient, with the padded and the unpadded encoder (the
+    backend under test on its device; the references on the CPU)."""
     batch = pretrain_batch()
 
     def losses_and_grads(net, fn):
@@ -510,10 +514,13 @@ def test_default_loss_is_the_real_slot_mean(backend, unpadded):
         ref64 = losses_and_grads(net64, lambda n: unfused_real_slot_loss(n, batch))
         ref32 = losses_and_grads(small_bert(unpadded=unpadded),
                                  lambda n: unfused_real_slot_loss(n, batch))
+    on_device = [t.to(device) for t in batch]
     with (fastbert.use_backend("reference") if backend == "reference" else
-          ran_on(backend, torch.device("cpu"), torch.float32, ("mlm_loss",))):
-        ours = losses_and_grads(small_bert(unpadded=unpadded),
-                                lambda n: bert_pretrain_loss(n, V_SMALL, *batch))
+          ran_on(backend, device, torch.float32, ("mlm_loss",))):
+        ours = losses_and_grads(small_bert(unpadded=unpadded).to(device),
+                                lambda n: bert_pretrain_loss(n, V_SMALL, *on_device))
+    assert ours[0][0].device.type == device.type
+    ours = ([t.cpu() for t in ours[0]], [t.cpu() for t in ours[1]])
     # Factor 2 (the house rule) holds: measured on cpp (AVX2 EPYC), every loss and gradient
     # error is within the fp32 atol (1e-6), both encoder paths.
     for a, b, c in zip(ours[0], ref64[0], ref32[0]):
