@@ -503,7 +503,9 @@ def export_hf_classifier(classifier, path, tokenizer: Optional[WordPieceTokenize
     A model with BERT's embedding LayerNorm loads with plain
     ``AutoModelForSequenceClassification.from_pretrained(path)``; the d2l book's (without
     it) gets ``model_type`` ``fastbert_book_bert`` and a modeling file, and loads with
-    ``trust_remote_code=True``.  Returns the config written."""
+    ``trust_remote_code=True``.  Given a ``BERTModel`` (no ``output`` layer), the encoder and
+    pooler are written as a ``BertModel`` (``AutoModel``), the MLM/NSP heads left out.
+    Returns the config written."""
     from safetensors.torch import save_file
 
     enc = classifier.encoder
@@ -525,16 +527,22 @@ def export_hf_classifier(classifier, path, tokenizer: Optional[WordPieceTokenize
         raise HFCheckpointError("HF's pooler is Linear + Tanh; this classifier's hidden "
                                 "layer differs")
     state = classifier.state_dict()
-    out = _encoder_state_to_hf(state, len(blks))
-    out["classifier.weight"] = state["output.weight"]
-    out["classifier.bias"] = state["output.bias"]
+    head = getattr(classifier, "output", None)
+    out = _encoder_state_to_hf(state, len(blks), prefix="bert." if head is not None else "")
+    if head is not None:
+        out["classifier.weight"] = state["output.weight"]
+        out["classifier.bias"] = state["output.bias"]
     out = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in out.items()}
     C = enc.token_embedding.embedding_dim
-    k = classifier.output.out_features
+    if head is not None:
+        arch = ("FastbertBookBertForSequenceClassification" if book
+                else "BertForSequenceClassification")
+    else:
+        arch = "FastbertBookBertModel" if book else "BertModel"
+    k = head.out_features if head is not None else 2
     id2label = id2label or {i: f"LABEL_{i}" for i in range(k)}
     config = {
-        "architectures": ["FastbertBookBertForSequenceClassification" if book
-                          else "BertForSequenceClassification"],
+        "architectures": [arch],
         "model_type": BOOK_MODEL_TYPE if book else "bert",
         "vocab_size": enc.token_embedding.num_embeddings, "hidden_size": C,
         "num_hidden_layers": len(blks), "num_attention_heads": blk0.attention.num_heads,

@@ -321,6 +321,14 @@ def test_export_book_loads_with_the_books_loader(trained, tmp_path):
 
 
 # ------------------------------------------------------------------------------ chain
+def _has(module):
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
 def test_pretrain_then_finetune_chains_from_the_cli(tmp_path, capsys):
     need(WIKI)
     need(SNLI)
@@ -331,7 +339,23 @@ def test_pretrain_then_finetune_chains_from_the_cli(tmp_path, capsys):
                  "60", "--batch-size", "16", "--max-len", "32", "--max-steps", "3",
                  "--out-dir", P] + tiny) == 0
     pre = load_run(P)
-    assert pre.kind == "pretrain"
+    assert pre.kind == "pretrain" and not pre.model.training
+    # The pretrained encoder exports for transformers (AutoModel: encoder + pooler).
+    if _has("transformers"):
+        from transformers import AutoModel
+        H = str(tmp_path / "pre-hf")
+        assert main(["export", P, "--to", "hf", H]) == 0
+        hfm = AutoModel.from_pretrained(H, trust_remote_code=True).eval()
+        ds = encode_pairs(pre, *_test_pairs(6)[:2])
+        ids, seg, vl = ds.all_token_ids, ds.all_segments, ds.valid_lens
+        mask = (torch.arange(ids.shape[1])[None, :] < vl[:, None]).long()
+        with torch.no_grad():
+            o = hfm(input_ids=ids, token_type_ids=seg, attention_mask=mask)
+            want = pre.model.encoder(ids, seg, vl)
+            torch.testing.assert_close(o.last_hidden_state[mask.bool()], want[mask.bool()],
+                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(o.pooler_output, pre.model.hidden(want[:, 0]),
+                                       rtol=1e-4, atol=1e-4)
     # The pretrained model has 32 positions: fine-tuning at the default 128 is refused.
     assert main(["finetune", "--pretrained", P, "--data-dir", DATA, "--train-limit", "32",
                  "--test-limit", "16"] + tiny[-4:]) == 2

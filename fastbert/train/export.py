@@ -73,11 +73,27 @@ def export_hf(run: Run, out: str) -> str:
                     max_len=run.max_len, pad=pad,
                     labels=", ".join(f"{i} = {n}" for i, n in _id2label(run).items())))
         return out
-    # A pretraining run: the whole BERTModel (encoder, pooler, MLM and NSP heads).
-    hf.export_hf_bert(run.model, out, tokenizer=run.vocab if run.uses_wordpiece else None)
-    if not run.uses_wordpiece:
-        with open(os.path.join(out, "vocab.txt"), "w", encoding="utf-8") as f:
-            f.write("".join(t + "\n" for t in run.vocab.idx_to_token))
+    # A pretraining run with BERT's layout: the whole BERTModel (encoder, pooler, MLM and NSP
+    # heads, BertForPreTraining).  The book's (no embedding LayerNorm): encoder + pooler as
+    # the modeling file's BertModel (AutoModel, trust_remote_code=True).
+    if run.model.encoder.embedding_norm is not None:
+        hf.export_hf_bert(run.model, out, tokenizer=run.vocab if run.uses_wordpiece else None)
+        if not run.uses_wordpiece:
+            with open(os.path.join(out, "vocab.txt"), "w", encoding="utf-8") as f:
+                f.write("".join(t + "\n" for t in run.vocab.idx_to_token))
+        return out
+    pad = run.vocab.token_to_idx.get("<pad>", 0)
+    hf.export_hf_classifier(run.model, out, vocab_tokens=run.vocab.idx_to_token,
+                            pad_token_id=pad)
+    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
+        f.write(_BOOK_TOKENIZER_NOTE.format(
+            name=os.path.basename(os.path.abspath(out)), kind=run.kind, run=run.path,
+            max_len=run.max_len, pad=pad, labels="none (the encoder and pooler only; the "
+            "MLM and NSP heads are not exported)").replace(
+                "AutoModelForSequenceClassification", "AutoModel").replace(
+                "logits = model(input_ids=ids, token_type_ids=segments, attention_mask=mask)"
+                ".logits", "out = model(input_ids=ids, token_type_ids=segments, "
+                "attention_mask=mask)  # last_hidden_state, pooler_output"))
     return out
 
 
