@@ -65,10 +65,24 @@ def test_load_run_gives_the_runs_own_test_predictions(trained):
     assert res["accuracy"] == pytest.approx(r["test_acc"], abs=1e-12)
     with open(os.path.join(path, "metrics.json")) as f:
         assert json.load(f)["epochs"][-1]["test_acc"] == pytest.approx(res["accuracy"])
-    # A checkpoint file loads the same model.
+    # A checkpoint file loads the same model, and so does one written before checkpoints
+    # stored the architecture (bert_options).
     ckpt = load_run(os.path.join(path, "checkpoint.pt"))
     for k, v in run.model.state_dict().items():
         assert torch.equal(v, ckpt.model.state_dict()[k]), k
+    _check_old_checkpoint(path, run, ds)
+
+
+def _check_old_checkpoint(path, run, ds):
+    state = torch.load(os.path.join(path, "checkpoint.pt"), weights_only=False)
+    del state["bert_options"]
+    old = os.path.join(path, "old.pt")
+    torch.save(state, old)
+    try:
+        torch.testing.assert_close(predict_logits(load_run(old).model, ds),
+                                   predict_logits(run.model, ds), rtol=0, atol=0)
+    finally:
+        os.unlink(old)
 
 
 def test_load_run_errors_name_the_path(tmp_path):
@@ -386,6 +400,7 @@ def test_pretrained_minilm_shortcut(tmp_path):
                 batch_size=16, max_steps=1)
     run = load_run(str(tmp_path))
     assert run.uses_wordpiece and run.config["pretrained"] == "minilm"
+    _check_old_checkpoint(str(tmp_path), run, encode_pairs(run, *_test_pairs(4)[:2]))
     assert run.model.encoder.blks[0].ffn.activation == "gelu"
     assert len(run.model.encoder.blks) == 6 and run.model.encoder.token_embedding.weight.shape[1] == 384
     p, h, _ = _test_pairs(8)

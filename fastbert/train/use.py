@@ -120,10 +120,29 @@ def _options_from_state(state: Dict[str, torch.Tensor], config: Dict[str, Any],
         raise RunError(f"{path}: the checkpoint's model has no {e} (not a fastbert BERT)")
     layers = len({k.split(".")[2] for k in state if k.startswith("encoder.blks.")})
     heads = config.get("num_heads") if config.get("num_hiddens") == h else None
-    return dict(vocab_size=vocab_size, num_hiddens=h, ffn_num_hiddens=ffn,
+    opts = dict(vocab_size=vocab_size, num_hiddens=h, ffn_num_hiddens=ffn,
                 num_heads=heads or max(1, h // 64), num_layers=layers,
                 dropout=float(config.get("dropout") or 0.1), max_len=max_len,
                 embedding_layer_norm="encoder.embedding_norm.weight" in state)
+    if opts["embedding_layer_norm"]:
+        # Fine-tuned from a Hugging Face folder: its config.json has what the tensors lack.
+        from .. import hf
+        from .finetune import resolve_pretrained_name
+        try:
+            src = resolve_pretrained_name(config.get("pretrained"))
+        except ValueError as e:
+            raise RunError(f"{path}: an older checkpoint of a run fine-tuned from "
+                           f"{config.get('pretrained')!r}: {e}") from e
+        if not src or not hf.is_hf_checkpoint(src):
+            raise RunError(f"{path}: an older checkpoint (no bert_options) of a run "
+                           f"fine-tuned from the Hugging Face folder {src!r}, which is not "
+                           f"here: its config.json is needed to rebuild the model")
+        c = hf.load_hf_config(src)
+        act, eps = hf.ACTIVATIONS[c.get("hidden_act", "gelu")], c.get("layer_norm_eps", 1e-12)
+        opts.update(num_heads=c["num_attention_heads"], ffn_activation=act,
+                    layer_norm_eps=eps, train_pos_embedding=True, mlm_activation=act,
+                    mlm_eps=eps)
+    return opts
 
 
 def is_run(path: str) -> bool:
