@@ -369,11 +369,13 @@ step_ddp() {
     (( gpus >= 2 )) || skip "skipped: $gpus GPU(s); the torchrun check needs 2"
     "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 2 -m fastbert finetune \
         --epochs 1 --train-limit 4096 --test-limit 1024 --batch-size 64 --no-progress \
-        --out-dir "$WORK/ddp"
-    rc=$?
+        --out-dir "$WORK/ddp" 2>&1 | tee -i "$WORK/ddp_run.log"
+    rc=${PIPESTATUS[0]}
     (( rc == 0 )) || { note "torchrun finetune failed (rc $rc)"; exit "$rc"; }
     [ -s "$WORK/ddp/metrics.json" ] || { note "torchrun finished but wrote no metrics.json"; exit 1; }
-    note "2 processes, nccl: $("$PYTHON" -c "import json,sys; m=json.load(open(sys.argv[1])); print({k: m[k] for k in list(m)[:4]})" "$WORK/ddp/metrics.json" 2>/dev/null)"
+    # fastbert prints "N examples/sec on 2 x cuda" when both ranks trained on GPUs.
+    grep -q "on 2 x cuda" "$WORK/ddp_run.log" || { note "torchrun ran, but not as 2 CUDA processes (see the log)"; exit 1; }
+    note "2 processes on 2 GPUs (nccl): $("$PYTHON" -c "import json,sys; m=json.load(open(sys.argv[1])); e=m['epochs'][-1]; print(f\"loss {e['loss']:.3f}, test acc {e['test_acc']:.3f}, {m['examples_per_sec']:.0f} examples/s\")" "$WORK/ddp/metrics.json" 2>/dev/null)"
 }
 export -f step_env step_deps step_build step_tests step_bench step_ddp
 
@@ -386,26 +388,36 @@ fi
 cap() { local i; for ((i = 0; i < ${#CAP[@]}; i += 2)); do [ "${CAP[i]}" = "$1" ] && echo "${CAP[i+1]}"; done; }
 
 run_step env "$(cap env)" 0
-# DDP needs time kept back only where it will run (2+ GPUs, not a dry run).
+# Time kept back for a later step, while an earlier one runs: only for selected steps, and
+# for DDP only where it will run (2+ GPUs, not a dry run).
 GPUS=$("$PYTHON" -c "import json,sys; print(int(json.load(open(sys.argv[1])).get('gpu_count', 0)))" "$ENV_JSON" 2>/dev/null) || GPUS=0
-DDP_RESERVE=0
-if [ "$MODE" != dry-run ] && [ "${GPUS:-0}" -ge 2 ]; then DDP_RESERVE=60; fi
 case "$MODE" in
-    full) TESTS_RESERVE=120; BENCH_RESERVE=90 ;;
-    quick) TESTS_RESERVE=60; BENCH_RESERVE=30 ;;
-    dry-run) TESTS_RESERVE=30; BENCH_RESERVE=40 ;;
+    full) KEEP=(tests 120 bench 90) ;;
+    quick) KEEP=(tests 60 bench 30) ;;
+    dry-run) KEEP=(tests 30 bench 40) ;;
 esac
+if [ "$MODE" != dry-run ] && [ "${GPUS:-0}" -ge 2 ]; then KEEP+=(ddp 60); fi
+reserve_after() {  # the seconds kept back for the selected steps in "$@"
+    local total=0 s i
+    for s in "$@"; do
+        selected "$s" || continue
+        for ((i = 0; i < ${#KEEP[@]}; i += 2)); do
+            [ "${KEEP[i]}" = "$s" ] && total=$(( total + KEEP[i+1] ))
+        done
+    done
+    echo "$total"
+}
 
-run_step deps "$(cap deps)" $(( TESTS_RESERVE + BENCH_RESERVE + DDP_RESERVE ))
+run_step deps "$(cap deps)" "$(reserve_after tests bench ddp)"
 # What deps installed, for every later step (pytest, benchmarks, torchrun).
 if [ "$MODE" = dry-run ]; then DEPS_ROOT=$WORK/deps; else DEPS_ROOT=$REPO/.deps; fi
 if [ -d "$DEPS_ROOT/gpu-site" ]; then export PYTHONPATH="$DEPS_ROOT/gpu-site${PYTHONPATH:+:$PYTHONPATH}"; fi
 for v in 0.17.6 1.0.3; do
     if [ -d "$DEPS_ROOT/d2l-$v/d2l" ]; then export "FASTBERT_D2L_${v//./_}=$DEPS_ROOT/d2l-$v"; fi
 done
-run_step build "$(cap build)" $(( TESTS_RESERVE + BENCH_RESERVE + DDP_RESERVE ))
-run_step tests "$(cap tests)" $(( BENCH_RESERVE + DDP_RESERVE ))
-run_step bench "$(cap bench)" "$DDP_RESERVE"
+run_step build "$(cap build)" "$(reserve_after tests bench ddp)"
+run_step tests "$(cap tests)" "$(reserve_after bench ddp)"
+run_step bench "$(cap bench)" "$(reserve_after ddp)"
 run_step ddp "$(cap ddp)" 0
 
 echo

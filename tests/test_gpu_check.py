@@ -38,8 +38,9 @@ needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
                                 reason="needs bash and coreutils' timeout")
 
 
-def _run_check(out_dir, tests_args, *extra, timeout=240):
-    env = dict(os.environ, PYTHON=sys.executable, FASTBERT_GPU_CHECK_TESTS=tests_args)
+def _run_check(out_dir, tests_args, *extra, timeout=240, **env_extra):
+    env = dict(os.environ, PYTHON=sys.executable, FASTBERT_GPU_CHECK_TESTS=tests_args,
+               **env_extra)
     env.pop("OUT", None)
     return subprocess.run(["bash", SCRIPT, "--dry-run", "--out", str(out_dir), *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -120,6 +121,23 @@ def test_selected_steps_pass_with_exit_0(tmp_path):
     assert status == {"env": "ok", "deps": "skip", "build": "skip", "tests": "ok",
                       "bench": "skip", "ddp": "skip"}, report["steps"]
     assert report["ok"] is True and report["failures"] == []
+
+
+@needs_bash
+def test_a_hanging_step_times_out_within_the_budget(tmp_path):
+    planted = tmp_path / "test_planted_hang.py"
+    planted.write_text("import time\n\ndef test_ok():\n    pass\n\n"
+                       "def test_hangs():\n    time.sleep(600)\n")
+    proc = _run_check(tmp_path / "out", str(planted), "--steps", "env,tests", timeout=120,
+                      FASTBERT_GPU_CHECK_BUDGET_S="40")
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    report = _report(tmp_path / "out")
+    tests = {s["name"]: s for s in report["steps"]}["tests"]
+    assert tests["status"] == "fail" and tests["rc"] == 124, tests
+    assert tests["reason"].startswith("timed out after"), tests
+    assert tests["duration_s"] < 60, tests  # the 40 s budget, not the test's 600 s sleep
+    # SIGINT let pytest write its junit XML on the way out.
+    assert report["tests"] and report["tests"]["tests"] >= 1, report["tests"]
 
 
 # ----------------------------------------------------------------------------- gpu_report.py
