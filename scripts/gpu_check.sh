@@ -91,7 +91,8 @@ selected() { case ",$STEPS_SELECTED," in *",$1,"*) return 0 ;; esac; return 1; }
 # run_step NAME CAP_S RESERVE_S: runs step_NAME under `timeout` (min of CAP_S and what the
 # budget leaves after RESERVE_S for the later steps), its output in the log and in
 # $WORK/NAME.out.  The step writes its one-line reason to $WORK/note; "SKIP: why" there
-# makes a step that exits 0 a skip.  rc 124: it ran out of time.
+# makes a step that exits 0 a skip.  rc 124 (or 137, killed after ignoring the SIGINT): it
+# ran out of time.
 run_step() {
     local name=$1 cap=$2 reserve=$3 t0 t1 rc left limit status reason
     t0=$(now)
@@ -113,7 +114,9 @@ run_step() {
     rc=${PIPESTATUS[0]}
     t1=$(now)
     reason=$(cat "$WORK/note" 2>/dev/null)
-    if (( rc == 124 )); then
+    # 137: still running 20 s after the SIGINT, killed (or killed by something else: then
+    # it ended before its limit)
+    if (( rc == 124 )) || { (( rc == 137 )) && awk "BEGIN{exit !($t1 - $t0 >= $limit)}"; }; then
         status=fail; reason="timed out after ${limit}s${reason:+; $reason}"
     elif (( rc != 0 )); then
         status=fail
