@@ -69,6 +69,7 @@ case "$MODE" in
     dry-run) BUDGET_S=${FASTBERT_GPU_CHECK_BUDGET_S:-300} ;;
 esac
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
 STEPS_FILE=$WORK/steps.jsonl
 ENV_JSON=$WORK/env.json
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
@@ -439,7 +440,6 @@ if [ ! -s "$OUTDIR/gpu_report.json" ]; then
     } > "$OUTDIR/gpu_report.json"
     { echo "# fastbert GPU check ($MODE): the report helper failed"; echo; echo '```'; cat "$STEPS_FILE" 2>/dev/null; echo '```'; } > "$OUTDIR/gpu_report.md"
 fi
-rm -rf "$WORK"
 echo "gpu_check: exit $RC after $(( $(date +%s) - T0 ))s"
 exec 1>&3 2>&4 3>&- 4>&-
 wait "$TEE_PID" 2>/dev/null   # the log complete before the exit
