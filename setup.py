@@ -44,9 +44,34 @@ def _loud(lines):
     print("\n".join([bar] + [f"fastbert: {line}" for line in lines] + [bar]), file=sys.stderr, flush=True)
 
 
+def _cuda_home_past_a_wrapper():
+    """Set CUDA_HOME when torch would guess it wrong.  Unless CUDA_HOME/CUDA_PATH is set,
+    torch takes the folder above ``which nvcc``; where nvcc on PATH is a wrapper script (one
+    of our machines has /usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc) that is
+    /usr/local, with no CUDA headers, and the CUDA build fails.  Then name the first toolkit
+    root that holds both bin/nvcc and include/cuda_runtime_api.h."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return  # torch then tries /usr/local/cuda itself
+    is_root = lambda d: (os.access(os.path.join(d, "bin", "nvcc"), os.X_OK)  # noqa: E731
+                         and os.path.exists(os.path.join(d, "include", "cuda_runtime_api.h")))
+    if is_root(os.path.dirname(os.path.dirname(nvcc))):
+        return  # torch's own guess is right
+    for root in ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+                 + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)):
+        if is_root(root):
+            os.environ["CUDA_HOME"] = root
+            print(f"fastbert: CUDA_HOME={root} (nvcc on PATH, {nvcc}, is not inside a toolkit)",
+                  file=sys.stderr)
+            return
+
+
 def extension_setup():
     if os.environ.get("FASTBERT_NO_EXT"):
         return [], {}
+    _cuda_home_past_a_wrapper()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension

@@ -89,3 +89,47 @@ def test_binding_syntax(path, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     note = " (c10/cuda/impl/cuda_cmake_macros.h stood in: CPU-only torch)" if stood_in else ""
     assert proc.returncode == 0, f"{os.path.basename(path)}{note}:\n{proc.stderr[-4000:]}"
+
+
+def _setup_function(name):
+    """One function of setup.py, without running setup() (it is a script)."""
+    import ast
+    src = open(os.path.join(ROOT, "setup.py")).read()
+    fn = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == name)
+    import sys
+    ns = {"os": os, "sys": sys, "glob": glob, "shutil": shutil}
+    exec(compile(ast.Module([fn], []), "setup.py", "exec"), ns)
+    return ns[name]
+
+
+def _fake_toolkit(root):
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "include" / "cuda_runtime_api.h").write_text("")
+    (root / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (root / "bin" / "nvcc").chmod(0o755)
+
+
+def test_setup_finds_the_toolkit_past_an_nvcc_link(tmp_path, monkeypatch):
+    """nvcc on PATH as a link into a toolkit: setup.py names that toolkit as CUDA_HOME (torch
+    would take the link's grandparent, which holds no CUDA headers)."""
+    _fake_toolkit(tmp_path / "toolkit")
+    (tmp_path / "wrappers" / "bin").mkdir(parents=True)
+    (tmp_path / "wrappers" / "bin" / "nvcc").symlink_to(tmp_path / "toolkit" / "bin" / "nvcc")
+    monkeypatch.setenv("PATH", str(tmp_path / "wrappers" / "bin"))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    _setup_function("_cuda_home_past_a_wrapper")()
+    assert os.environ["CUDA_HOME"] == str(tmp_path / "toolkit")
+
+
+def test_setup_leaves_a_right_or_given_cuda_home(tmp_path, monkeypatch):
+    _fake_toolkit(tmp_path / "toolkit")
+    monkeypatch.setenv("PATH", str(tmp_path / "toolkit" / "bin"))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    _setup_function("_cuda_home_past_a_wrapper")()
+    assert "CUDA_HOME" not in os.environ  # torch's own guess (nvcc's grandparent) is right
+    monkeypatch.setenv("CUDA_HOME", "/given")
+    _setup_function("_cuda_home_past_a_wrapper")()
+    assert os.environ["CUDA_HOME"] == "/given"
