@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import backends, ops
+from . import backends, layers, ops
+from .backends.kernel_call import SMALL_GEMM_ROWS
 from .layers import DotProductAttention, EncoderBlock
 
 __all__ = ["get_tokens_and_segments", "BERTEncoder", "MaskLM", "NextSentencePred", "BERTModel",
@@ -57,8 +58,24 @@ def _check_ids(name: str, ids, upper: int, like: Optional[torch.Tensor] = None) 
 # batch, and a shape seen for the first time costs ~0.3-0.6 ms per GEMM: measured ~15% of a
 # bert.small train step on fresh batches.  So on that path T is rounded up to a multiple of
 # ROW_BUCKET with rows that belong to no sequence (ops.varlen_attention's row padding): a
-# handful of shapes recur, for at most ROW_BUCKET - 1 extra rows of GEMM work.
+# handful of shapes recur, for at most ROW_BUCKET - 1 extra rows of GEMM work.  A small
+# batch (T < SMALL_ROWS: batch-1 inference, T ~ 27 on SNLI) rounds to SMALL_BUCKET instead:
+# rounding 27 rows up to 64 more than doubled every GEMM of a batch-1 call (measured 6-9 ms
+# -> see benchmarks/bench_latency.py), while at most SMALL_ROWS / SMALL_BUCKET shapes recur.
 ROW_BUCKET = 64
+SMALL_BUCKET = 8
+SMALL_ROWS = 8 * ROW_BUCKET
+
+
+def bucket_rows(rows: int, bucket: int) -> int:
+    """The multiple ``rows`` packed rows are rounded up to under ``row_bucket() == bucket``.
+    None (1) for inference on at most SMALL_GEMM_ROWS rows: those GEMMs run on ATen's addmm,
+    which compiles nothing per shape (fastbert/backends/kernel_call.py)."""
+    if bucket > 1 and rows <= SMALL_GEMM_ROWS and not torch.is_grad_enabled():
+        return 1
+    if bucket > SMALL_BUCKET and rows < SMALL_ROWS:
+        return SMALL_BUCKET
+    return bucket
 
 
 class BERTEncoder(nn.Module):
@@ -96,11 +113,13 @@ class BERTEncoder(nn.Module):
         """The embedding of the valid tokens only: ``(X[T, C], cu_seqlens, max_len)``, equal to
         ``ops.pack(self.embed(tokens, segments), valid_lens)`` without embedding the pads.
         With ``row_multiple`` > 1, X gets rows (token, segment and position 0) up to the next
-        multiple: row padding for the packed ops, past ``cu_seqlens[-1]``."""
+        multiple (``bucket_rows``: SMALL_BUCKET for a small batch): row padding for the packed
+        ops, past ``cu_seqlens[-1]``."""
         B, L = tokens.shape
         positions = torch.arange(L, device=tokens.device).expand(B, L)
         ids, cu_seqlens, max_len = ops.pack(
             torch.stack([tokens.long(), segments.long(), positions], -1), valid_lens)
+        row_multiple = bucket_rows(ids.shape[0], row_multiple)
         if ids.shape[0] % row_multiple:
             ids = torch.cat([ids, ids.new_zeros(-ids.shape[0] % row_multiple, ids.shape[1])])
         # One fused lookup-and-add (ops.embedding_sum), the same sum as embed()'s.
@@ -124,7 +143,8 @@ class BERTEncoder(nn.Module):
     def uses_unpadded(self, X: torch.Tensor, valid_lens) -> bool:
         if valid_lens is not None and valid_lens.dim() != 1:
             return False  # per-query lengths need the padded attention
-        if any(isinstance(m, DotProductAttention) and m.keep_weights for m in self.modules()):
+        if layers.keep_weights_ever_set() and any(
+                isinstance(m, DotProductAttention) and m.keep_weights for m in self.modules()):
             return False  # attention weights are defined on the padded layout
         if self.unpadded is not None:
             return self.unpadded

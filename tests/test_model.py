@@ -145,3 +145,81 @@ def test_bf16_autocast(backend):
         scale = want64[3][name].abs().max().item() or 1.0
         assert_close(g, want64[3][name], want_lp[3][name], atol=1e-3 * scale,
                      name=f"grad {name}")
+
+
+# ----------------------------------------------------------------------------- batch-1 inference
+# The inference fast path of a small batch (benchmarks/bench_latency.py): the cpp glue runs
+# GEMMs of at most SMALL_GEMM_ROWS rows on F.linear, the packed rows are not bucketed, and the
+# concatenated QKV weights are kept between calls while the weights are unchanged.
+def _classifier():
+    torch.manual_seed(0)
+    return fastbert.BERTClassifier(make_model(), 3).eval()
+
+
+def _pairs():
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for n in (1, 7, 12):
+        tokens = torch.randint(0, VOCAB, (1, n), generator=g)
+        out.append((tokens, (torch.arange(n)[None] >= n // 2).long(), torch.tensor([n])))
+    tokens, segments, valid_lens = make_batch("cpu")[:3]
+    return out + [(tokens, segments, valid_lens)]
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_small_batch_inference_matches_reference(mode, monkeypatch):
+    cpp_ffn = pytest.importorskip("fastbert.backends.cpp.ffn")
+    cpp_linear = pytest.importorskip("fastbert.backends.cpp.linear")
+    small = []
+    for mod in (cpp_linear, cpp_ffn):
+        real = mod.small_gemm
+        monkeypatch.setattr(mod, "small_gemm", lambda x, real=real: small.append(real(x))
+                            or small[-1])
+    net = _classifier()
+    guard = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    for inputs in _pairs():
+        with guard():
+            with fastbert.use_backend("reference"):
+                want = net(inputs)
+            with ran_on("cpp", torch.device("cpu"), torch.float32, ops=("linear", "ffn")):
+                got = net(inputs)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert small and all(small), "the small-batch GEMMs did not take the F.linear path"
+
+
+def test_inference_weight_cache_follows_weight_updates():
+    net = _classifier()
+    inputs = _pairs()[2]
+    with torch.no_grad(), fastbert.use_backend("cpp"):
+        before = net(inputs)
+        attn = net.encoder.blks[0].attention
+        attn.W_q.weight.mul_(2.0)        # in place: the cached QKV copy must not be reused
+        after = net(inputs)
+        last = net.encoder.blks[-1].attention
+        state = {k: v * 0.5 for k, v in last.W_k.state_dict().items()}
+        last.W_k.load_state_dict(state)  # the KV copy of the last block (the <cls> query path)
+        after_load = net(inputs)
+        with fastbert.use_backend("reference"):
+            want_load = net(inputs)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after_load, want_load, atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), fastbert.use_backend("reference"):
+        attn.W_q.weight.mul_(1.0)
+        torch.testing.assert_close(net(inputs), after_load, atol=1e-5, rtol=1e-5)
+    # training (grad on) never reads the cache: gradients reach every projection weight
+    net.train()
+    with fastbert.use_backend("cpp"):
+        net(inputs).sum().backward()
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0
+               for m in (attn.W_q, attn.W_k, attn.W_v))
+
+
+def test_keep_attention_weights_still_leaves_the_unpadded_path():
+    net = _classifier()
+    inputs = _pairs()[3]
+    enc = net.encoder
+    assert enc.uses_unpadded(enc.token_embedding.weight, inputs[2]) or \
+        fastbert.backends.resolve_name("varlen_attention", "cpu", torch.float32) == "reference"
+    fastbert.keep_attention_weights(net)
+    assert not enc.uses_unpadded(enc.token_embedding.weight, inputs[2])
+    fastbert.keep_attention_weights(net, None)

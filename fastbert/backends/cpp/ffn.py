@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..autocast import autocast_dtype, cast
-from ..kernel_call import call_kernel
+from ..kernel_call import call_kernel, small_gemm
 
 _ops = torch.ops.fastbert
 _ops.ffn  # noqa: B018  (AttributeError -> this glue is skipped: kernel not built)
@@ -50,6 +51,10 @@ torch.library.register_autograd("fastbert::ffn", _backward, setup_context=_setup
 
 def ffn(x, w1, b1, w2, b2, activation: str = "relu"):
     x, w1, b1, w2, b2 = cast(autocast_dtype(x.device.type, x, w1, b1, w2, b2), x, w1, b1, w2, b2)
+    if small_gemm(x):  # a few rows, no grad: ATen's addmm is faster there (kernel_call.py)
+        h = F.linear(x, w1, b1)
+        h = F.relu_(h) if activation == "relu" else F.gelu(h)
+        return F.linear(h, w2, b2)
     return call_kernel(_ops.ffn, x, w1, b1, w2, b2, activation)[0]
 
 

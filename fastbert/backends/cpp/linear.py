@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..autocast import autocast_dtype, cast
-from ..kernel_call import call_kernel
+from ..kernel_call import call_kernel, small_gemm
 
 _ops = torch.ops.fastbert
 _ops.linear  # noqa: B018  (AttributeError -> this glue is skipped: kernel not built)
@@ -42,6 +42,8 @@ torch.library.register_autograd("fastbert::linear", _backward, setup_context=_se
 
 def linear(x, weight, bias=None):
     x, weight, bias = cast(autocast_dtype(x.device.type, x, weight, bias), x, weight, bias)
+    if small_gemm(x):  # a few rows, no grad: ATen's addmm is faster there (kernel_call.py)
+        return torch.nn.functional.linear(x, weight, bias)
     return call_kernel(_ops.linear, x, weight, bias)
 
 
