@@ -24,7 +24,9 @@ Helpers   harness.record(benchmark, seconds, kind=..., impl=..., ...) fills extr
           harness.backend_skip_reason(backend, ops, device, dtype) says why a backend would
           fall back (skip with it); harness.CONFIGS holds the book's shapes.
 Machine   pytest_benchmark_update_machine_info adds the CPU model, threads, torch version,
-          fastbert backends and the length source to the JSON's machine_info.
+          fastbert backends, the length source and every skipped benchmark with its
+          parameters and reason (``skipped``: the report's "skipped: why" cells) to the
+          JSON's machine_info.
 """
 from __future__ import annotations
 
@@ -119,6 +121,34 @@ def ceilings() -> harness.Ceilings:
 
 _LENGTHS = harness.LengthSampler()
 _CEILINGS = harness.Ceilings()
+# Every skipped benchmark of the run (a missing peer, a precision a peer lacks ...), with its
+# parameters and reason: pytest-benchmark's JSON holds only the rows that ran, so the report
+# reads the skips from machine_info.fastbert.skipped to say why a peer's cell is empty.
+_SKIPPED: list = []
+
+
+def _param_value(v):
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (tuple, list)):
+        return [_param_value(x) for x in v]
+    return str(v)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if not rep.skipped:
+        return
+    reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+    if reason.startswith("Skipped: "):
+        reason = reason[len("Skipped: "):]
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    _SKIPPED.append({"test": item.originalname if hasattr(item, "originalname") else item.name,
+                     "module": item.module.__name__ if getattr(item, "module", None) else "",
+                     "params": {k: _param_value(v) for k, v in params.items()},
+                     "reason": reason})
 
 
 @pytest.fixture(autouse=True)
@@ -188,6 +218,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "long_run": is_long(config),
         "quick_run": is_quick(config),
         "ceilings": dict(_CEILINGS.values),
+        "skipped": list(_SKIPPED),
         # Other processes on the machine skew every timing: the report prints this.
         "load_average_1_5_15min_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg")
         else None,

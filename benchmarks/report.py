@@ -21,8 +21,58 @@ from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE_IMPLS = ("d2l eager", "d2l-eager")
-E2E_ORDER = ("d2l-eager", "d2l-compile", "hf-sdpa", "fastbert-reference", "fastbert-cpp",
+E2E_ORDER = ("d2l-eager", "d2l-compile", "hf-sdpa", "hf-sdpa-pad128", "hf-sdpa-longest",
+             "hf-sdpa-grouped", "hf-compile-grouped", "torch-nested-longest", "ort-longest",
+             "ort-grouped", "fastbert-reference", "fastbert-cpp", "fastbert-cpp-grouped",
              "fastbert-triton")
+# The peers' columns of the at-a-glance table (bench_end_to_end.ROWS), in order, with titles.
+PEER_COLUMNS = (
+    ("d2l-eager", "d2l eager (pad 128)"),
+    ("d2l-compile", "torch.compile(d2l) (pad 128)"),
+    ("hf-sdpa-pad128", "HF sdpa, pad 128"),
+    ("hf-sdpa-longest", "HF sdpa, pad to longest"),
+    ("hf-sdpa-grouped", "HF sdpa, length-grouped"),
+    ("hf-compile-grouped", "torch.compile(HF), grouped"),
+    ("torch-nested-longest", "nn.TransformerEncoder nested"),
+    ("ort-longest", "ONNX Runtime, longest"),
+    ("ort-grouped", "ONNX Runtime, grouped"),
+)
+FASTBERT_COLUMNS = (("fastbert-cpp", "fastbert cpp (pad 128)"),
+                    ("fastbert-cpp-grouped", "fastbert cpp, grouped"),
+                    ("fastbert-triton", "fastbert triton (pad 128)"))
+LATENCY_ORDER = ("hf-sdpa", "hf-compile", "ort", "torch-nested", "fastbert-cpp")
+LATENCY_TITLES = {"hf-sdpa": "HF sdpa eager", "hf-compile": "torch.compile(HF, dynamic=True)",
+                  "ort": "ONNX Runtime (BERT-optimized)",
+                  "torch-nested": "nn.TransformerEncoder fast path",
+                  "fastbert-cpp": "fastbert cpp"}
+# How each peer is set up (printed in docs/benchmarks.md; benchmarks/README.md has the same).
+PEER_SETUP = """\
+Every row runs the same pairs (token ids random in the book's 20,256-token vocabulary, valid
+lengths from real SNLI), bert.small dims (256 hidden, 4 heads, FFN 512, 2 layers, ReLU, the
+book's dropout 0.2 when training), the same torch threads, fp32 or `torch.autocast` bf16.
+
+| row | what it is | batch layout | set-up |
+| --- | --- | --- | --- |
+| d2l-eager | the real d2l 0.17.6 `BERTModel` + the chapter's `BERTClassifier` | padded to 128 (the book's input) | eager; its fp32 time is the denominator of "ratio to d2l" |
+| d2l-compile | `torch.compile(net)` of that model | padded to 128 | default mode (inductor), static shapes; the whole cycle of batches runs once before timing |
+| hf-sdpa-pad128 | transformers `BertForSequenceClassification`, same dims, `attn_implementation="sdpa"`, ReLU, dropouts 0.2 | padded to 128 | eager; `attention_mask` from the valid lengths |
+| hf-sdpa-longest | the same model | each batch padded to its longest pair (`DataCollatorWithPadding`) | eager |
+| hf-sdpa-grouped | the same model | `Trainer(group_by_length=True)`'s `LengthGroupedSampler` order (one megabatch of the 32 batches, sorted by length), each batch padded to its longest | eager |
+| hf-compile-grouped | `torch.compile(model, dynamic=True)` | grouped, as above | inductor, dynamic shapes; warmed up over the whole cycle first (compile time not timed) |
+| torch-nested-longest | `nn.TransformerEncoder(enable_nested_tensor=True)` with the HF weights copied in, plus HF's embeddings, pooler and head | longest | inference only (eval + no_grad + `src_key_padding_mask`: PyTorch packs the batch into a nested tensor and runs the fused layer); logits checked against the HF model before timing; no bf16 row (the fast path switches itself off under autocast) |
+| ort-longest / ort-grouped | ONNX Runtime 1.31 CPU execution provider | longest / grouped | the HF model's eager-attention twin (same weights) exported with `torch.onnx.export(opset 17, dynamic batch and sequence axes)`, then `onnxruntime.transformers.optimizer.optimize_model(model_type="bert", num_heads, hidden_size)` (fuses EmbedLayerNormalization, Attention, SkipLayerNormalization); session `ORT_ENABLE_ALL`, `intra_op_num_threads` = the torch threads, `inter_op_num_threads=1`; logits checked against PyTorch's; inference only, fp32 only |
+| fastbert-cpp | `fastbert.BERTClassifier` on the cpp backend, d2l's initial weights | padded to 128 (the encoder packs the valid tokens itself) | fastbert's caching CPU allocator installed, as a fastbert training run does (peers run with it paused) |
+| fastbert-cpp-grouped | the same | grouped, each batch trimmed to its longest rounded up to 8 (`fastbert.data.trim_collate`) | as above |
+
+Weights: the HF-family peers share one seeded random initialization (speed does not depend
+on the values); fastbert rows load the d2l rows' initial weights. Batch-1 latency rows
+(bench_latency.py): one pair per call at its own length, no padding, eval +
+`torch.inference_mode`, fp32; `hf-compile` is `torch.compile(model, dynamic=True)` warmed up
+on 24 pairs of other lengths; ONNX Runtime is the same optimized graph fed one pair, its
+session built with `session.intra_op.allow_spinning=0` (its idle pool threads would otherwise
+spin on the cores the next row needs); every row runs each pair in turn (order rotated per
+pair), each call timed alone, at 2 threads and at 1.
+"""
 OP_ORDER = ("d2l eager", "fastbert[reference]", "torch.compile(reference)", "fastbert[cpp]",
             "fastbert[triton]")
 MODE_ORDER = ("fwd", "bwd", "fwd+bwd", "train", "infer")
@@ -72,6 +122,135 @@ def attach_ratios(rows: List[dict]) -> None:
         r["gb_per_s"] = moved / r["median_s"] / 1e9 if moved else None
         r["examples_per_s"] = r["batch"] / r["median_s"] if r.get("batch") else None
         r["tokens_per_s"] = r["valid_tokens"] / r["median_s"] if r.get("valid_tokens") else None
+
+
+def is_peer(impl: str) -> bool:
+    """Code a user would run instead of fastbert (fastbert-reference is fastbert on the book's
+    arithmetic, neither a peer nor a fast path)."""
+    return not impl.startswith("fastbert")
+
+
+def is_fast_fastbert(impl: str) -> bool:
+    return impl.startswith("fastbert") and not impl.startswith("fastbert-reference")
+
+
+def attach_best_peer(rows: List[dict]) -> None:
+    """``ratio_to_best_peer`` = the fastest peer's median / this row's median, among the rows
+    of the same job, shape and precision (> 1: faster than every peer that ran)."""
+    best: Dict[tuple, float] = {}
+    for r in rows:
+        if r["kind"] in ("e2e", "latency") and is_peer(r.get("impl", "")) and r.get("median_s"):
+            key = (r["kind"], r.get("mode"), r.get("config"), r.get("batch"), r.get("dtype"),
+                   r.get("threads"))
+            best[key] = min(best.get(key, float("inf")), r["median_s"])
+    for r in rows:
+        if r["kind"] not in ("e2e", "latency"):
+            continue
+        key = (r["kind"], r.get("mode"), r.get("config"), r.get("batch"), r.get("dtype"),
+               r.get("threads"))
+        b = best.get(key)
+        r["best_peer_s"] = b
+        r["ratio_to_best_peer"] = b / r["median_s"] if b and r.get("median_s") else None
+
+
+def skip_reason(skipped: List[dict], test: str, **params) -> Optional[str]:
+    """The reason a benchmark with these parameters was skipped in this run (conftest.py
+    records every skip in machine_info.fastbert.skipped), or None."""
+    for s in skipped:
+        if s.get("test") != test:
+            continue
+        p = s.get("params", {})
+        if all(p.get(k) == v for k, v in params.items()):
+            return s.get("reason") or "skipped"
+    return None
+
+
+def _cell(r: Optional[dict], why: Optional[str], notes: List[str]) -> str:
+    if r is not None:
+        return f"{fmt(r['examples_per_s'])} ({fmt(r.get('ratio'), 2, 'x')})"
+    if why is None:
+        return "not run"
+    if why not in notes:
+        notes.append(why)
+    return f"skipped [{notes.index(why) + 1}]"
+
+
+def peer_table(rows: List[dict], skipped: List[dict]) -> List[str]:
+    """The README's table: per job and precision, examples/s of every peer and of fastbert
+    (ratio to d2l eager fp32), fastbert's best over the best peer that ran; a peer that did
+    not run says why (skipped, with the reason as a numbered note)."""
+    e2e = grouped(rows, "e2e")
+    out: List[str] = []
+    notes: List[str] = []
+    by_shape: "OrderedDict[tuple, List[dict]]" = OrderedDict()
+    for (op, mode, config, batch), group in e2e.items():
+        by_shape.setdefault((config, batch), []).extend(group)
+    for (config, batch), group in by_shape.items():
+        cols = PEER_COLUMNS + tuple(c for c in FASTBERT_COLUMNS
+                                    if any(r["impl"] == c[0] for r in group)
+                                    or c[0] != "fastbert-triton")
+        out += [f"**{config}, batch {batch}**: examples/s (ratio to d2l eager fp32); "
+                f"last column: fastbert's best / the best peer of the row.", "",
+                "| job | " + " | ".join(t for _, t in cols) + " | fastbert / best peer |",
+                "|---" * (len(cols) + 2) + "|"]
+        modes = [m for m in MODE_ORDER if any(r.get("mode") == m for r in group)]
+        for mode in modes:
+            for dtype in ("fp32", "bf16"):
+                mine = [r for r in group if r.get("mode") == mode and r.get("dtype") == dtype]
+                if not mine:
+                    continue
+                cells = []
+                for impl, _ in cols:
+                    r = next((x for x in mine if x["impl"] == impl), None)
+                    why = None if r else skip_reason(
+                        skipped, "test_finetune_train_step" if mode == "train"
+                        else "test_inference", impl=impl, precision=dtype,
+                        e2e_case=[config, batch])
+                    cells.append(_cell(r, why, notes))
+                fast = [r for r in mine if is_fast_fastbert(r["impl"])]
+                top = max(fast, key=lambda r: r["examples_per_s"] or 0) if fast else None
+                lead = top.get("ratio_to_best_peer") if top else None
+                label = f"{'train step' if mode == 'train' else 'inference'} {dtype}"
+                out.append(f"| {label} | " + " | ".join(cells) + " | "
+                           + (f"**{lead:.2f}x** ({top['impl']})" if lead else "—") + " |")
+        out.append("")
+    if notes:
+        out += ["Skipped in this run:", ""]
+        out += [f"{i + 1}. {why}" for i, why in enumerate(notes)]
+        out.append("")
+    return out
+
+
+def latency_table(rows: List[dict], skipped: List[dict]) -> List[str]:
+    lat = [r for r in rows if r["kind"] == "latency"]
+    if not lat:
+        return []
+    out = []
+    for config, threads in dict.fromkeys((r.get("config"), r.get("threads")) for r in lat):
+        group = sorted((r for r in lat if r.get("config") == config
+                        and r.get("threads") == threads),
+                       key=lambda r: order_key(r, LATENCY_ORDER))
+        r0 = group[0]
+        out += [f"### batch 1 — {config}, {r0.get('pairs')} SNLI pairs, mean "
+                f"{fmt(r0.get('valid_tokens'))} tokens, {r0.get('threads')} threads", "",
+                "| implementation | p50 | p99 | mean | p50: HF eager / this | p99: HF eager / "
+                "this | p50: best peer / this |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in group:
+            out.append(f"| {LATENCY_TITLES.get(r['impl'], r['impl'])} | {fmt_time(r['p50_s'])} | "
+                       f"{fmt_time(r['p99_s'])} | {fmt_time(r['mean_s'])} | "
+                       f"{fmt(r.get('ratio_to_hf_eager_p50'), 2, 'x')} | "
+                       f"{fmt(r.get('ratio_to_hf_eager_p99'), 2, 'x')} | "
+                       f"{fmt(r.get('ratio_to_best_peer'), 2, 'x')} |")
+        ran = {r["impl"] for r in group}
+        for impl in LATENCY_ORDER:
+            if impl in ran:
+                continue
+            why = skip_reason(skipped, "test_batch1_latency", impl=impl, latency_config=config,
+                              latency_threads=threads)
+            out.append(f"| {LATENCY_TITLES.get(impl, impl)} | skipped: {why or 'not run'} "
+                       f"| | | | | |")
+        out.append("")
+    return out
 
 
 def ceilings_of(rows: List[dict]) -> Dict[str, float]:
@@ -214,13 +393,31 @@ def markdown(data: dict, rows: List[dict], png_name: Optional[str]) -> str:
     if png_name:
         out += [f"![ratio to d2l eager fp32]({png_name})", ""]
 
+    skipped = data.get("machine_info", {}).get("fastbert", {}).get("skipped", [])
     e2e = grouped(rows, "e2e")
+    if e2e:
+        out += ["## Fastbert and its peers at a glance", ""] + peer_table(rows, skipped)
+    lat = latency_table(rows, skipped)
+    if lat:
+        out += ["## Batch-1 latency: one SNLI pair per call", "",
+                "`benchmarks/bench_latency.py`: each call classifies one premise/hypothesis "
+                "pair at its own length (no padding), eval + `torch.inference_mode`, fp32; "
+                "every implementation runs each pair in turn (order rotated per pair), each "
+                "call timed alone. p50/p99 over the pairs; ratios > 1 are faster than the "
+                "other side.", ""] + lat
+    if e2e or lat:
+        out += ["## How each peer is set up", "", PEER_SETUP]
     if e2e:
         out += ["## Summary (best row of each family, ratio to d2l eager fp32)", ""]
         for (op, mode, config, batch), group in e2e.items():
             best = []
-            for family, title in (("fastbert", "fastbert"), ("d2l-compile", "torch.compile(d2l)"),
-                                  ("hf", "transformers"), ("d2l-eager", "d2l eager")):
+            for family, title in (("fastbert-cpp", "fastbert"),
+                                  ("fastbert-triton", "fastbert triton"),
+                                  ("d2l-compile", "torch.compile(d2l)"),
+                                  ("hf-sdpa", "transformers"),
+                                  ("hf-compile", "torch.compile(transformers)"),
+                                  ("torch-nested", "nn.TransformerEncoder nested"),
+                                  ("ort", "ONNX Runtime"), ("d2l-eager", "d2l eager")):
                 mine = [r for r in group if r["impl"].startswith(family) and r.get("ratio")]
                 if mine:
                     top = max(mine, key=lambda r: r["ratio"])
@@ -238,17 +435,20 @@ def markdown(data: dict, rows: List[dict], png_name: Optional[str]) -> str:
             out += [f"### {'train step' if mode == 'train' else 'inference'} — {config}, "
                     f"batch {batch}, padded length {group[0].get('seq_len')}", "",
                     "| implementation | precision | median | examples/s | tokens/s | GFLOP/s "
-                    "| % of ceiling | ratio to d2l fp32 | notes |",
-                    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                    "| % of ceiling | ratio to d2l fp32 | ratio to best peer | notes |",
+                    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
             for r in sorted(group, key=lambda r: order_key(r, E2E_ORDER)):
                 notes = ""
                 if r.get("falls_back"):
                     notes = "reference for: " + ", ".join(r["falls_back"])
+                if r.get("layout") and r.get("layout") != "pad128":
+                    notes = (notes + "; " if notes else "") + f"layout: {r['layout']}"
                 out.append(
                     f"| {r['impl']} | {r['dtype']} | {fmt_time(r['median_s'])} | "
                     f"{fmt(r['examples_per_s'])} | {fmt(r['tokens_per_s'], 0)} | "
                     f"{fmt(r['gflops_per_s'])} | {fmt(pct_of_ceiling(r, ceilings), 1, '%')} | "
-                    f"{fmt(r['ratio'], 2, 'x')} | {notes} |")
+                    f"{fmt(r['ratio'], 2, 'x')} | {fmt(r.get('ratio_to_best_peer'), 2, 'x')} "
+                    f"| {notes} |")
             out.append("")
 
     ops = grouped(rows, "op")
@@ -273,7 +473,7 @@ def markdown(data: dict, rows: List[dict], png_name: Optional[str]) -> str:
                            f"{fmt(pct_of_ceiling(r, ceilings), 1, '%')} | "
                            f"{fmt(r['ratio'], 2, 'x')} |")
             out.append("")
-    others = [r for r in rows if r["kind"] not in ("ceiling", "e2e", "op")]
+    others = [r for r in rows if r["kind"] not in ("ceiling", "e2e", "op", "latency")]
     if others:
         out += ["## Other benchmarks of the suite", "",
                 "Rows from further bench_*.py files (e.g. bench_pretrain.py: the book's "
@@ -316,7 +516,8 @@ def chart(rows: List[dict], path: str) -> None:
         panels.append(("ops, forward+backward", sorted(ops, key=lambda r: (
             r["op"], r.get("config"), r.get("batch")) + order_key(r, OP_ORDER)),
             lambda r: f"{r['op']} {r['config']} b{r['batch']} {r['impl']} {r['dtype']}"))
-    others = [r for r in rows if r["kind"] not in ("ceiling", "e2e", "op") and r.get("ratio")]
+    others = [r for r in rows if r["kind"] not in ("ceiling", "e2e", "op", "latency")
+              and r.get("ratio")]
     if others:
         panels.append(("other benchmarks", others,
                        lambda r: f"{r['kind']} b{r.get('batch')} {r['impl']} {r.get('dtype')}"))
@@ -360,6 +561,7 @@ def main(argv=None) -> None:
     if not rows:
         raise SystemExit(f"{', '.join(args.json)}: no benchmark of this suite in it")
     attach_ratios(rows)
+    attach_best_peer(rows)
     png_name = None
     if args.png:
         chart(rows, args.png)
