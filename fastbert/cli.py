@@ -34,9 +34,20 @@ def _run_options(p: argparse.ArgumentParser, defaults) -> None:
     g.add_argument("--out-dir", default=None,
                    help="where checkpoint.pt, metrics.json and curves.png go")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from a checkpoint (default: <out-dir>/checkpoint.pt)")
+                   help="continue from a checkpoint file or run folder (default: the newest "
+                        "verified checkpoint in --out-dir; under torchrun a restarted group "
+                        "does this by itself)")
     g.add_argument("--max-steps", type=int, default=defaults.max_steps,
                    help="stop after this many optimizer steps (checkpointing the position)")
+    g.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+                   metavar="N", help="also checkpoint every N optimizer steps, mid-epoch (a "
+                   "crash or a killed worker loses at most N steps; default: epoch ends only)")
+    g.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints,
+                   metavar="K", help="keep the newest K numbered checkpoints "
+                   "(checkpoint-<step>.pt; 0: all; default %(default)s)")
+    g.add_argument("--rss-every", type=int, default=defaults.rss_every, metavar="N",
+                   help="log the process's resident memory (rss_mb) every N steps in "
+                        "metrics.json (0: never; default %(default)s)")
     g.add_argument("--bucket", action="store_true",
                    help="length-aware batching (batches of similar valid length)")
     g.add_argument("--no-trim", dest="trim", action="store_false",

@@ -19,8 +19,7 @@ from .. import backends, cpu_cache
 
 __all__ = ["RunConfig", "DistInfo", "setup_distributed", "cleanup_distributed",
            "seed_everything", "autocast", "make_grad_scaler", "rng_state", "set_rng_state",
-           "save_checkpoint", "load_checkpoint", "MetricsLog", "progress", "Timer",
-           "resolve_device", "all_reduce_sum", "find_resume_checkpoint", "cpu_threads",
+           "MetricsLog", "progress", "Timer", "resolve_device", "all_reduce_sum", "cpu_threads",
            "make_adam"]
 
 
@@ -38,6 +37,9 @@ class RunConfig:
     out_dir: Optional[str] = None      # checkpoints, metrics.json, curves.png
     resume: Optional[str] = None       # a checkpoint path, or "auto": <out_dir>/checkpoint.pt
     max_steps: Optional[int] = None    # stop (and checkpoint) after this many optimizer steps
+    checkpoint_every: Optional[int] = None  # also checkpoint every N steps (mid-epoch)
+    keep_checkpoints: Optional[int] = 3     # numbered checkpoints kept (None or 0: all)
+    rss_every: int = 50                # log the process's RSS (MiB) every N steps (0: never)
     bucket: bool = False               # length-aware batching
     trim: bool = True                  # cut padding columns beyond a batch's longest example
     progress: bool = True              # tqdm bar (rank 0)
@@ -182,33 +184,6 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
-    """Write atomically (a crash never leaves a half-written checkpoint)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str) -> Dict[str, Any]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
-
-
-def find_resume_checkpoint(cfg: RunConfig) -> Optional[str]:
-    if not cfg.resume:
-        return None
-    if cfg.resume == "auto":
-        if not cfg.out_dir:
-            raise ValueError("--resume without a path needs --out-dir")
-        return os.path.join(cfg.out_dir, "checkpoint.pt")
-    return cfg.resume
 
 
 def progress(iterable, enabled: bool, **kwargs):

@@ -26,10 +26,9 @@ from ..data.paths import locate
 from ..data.snli import SNLIBERTDataset, read_snli_file, snli_vocab
 from ..data.vocab import Vocab
 from ..hub import DATA_HUB, infer_bert_config, load_pretrained_model, resolve_pretrained_dir
-from .common import (MetricsLog, RunConfig, Timer, all_reduce_sum, autocast,
-                     find_resume_checkpoint, load_checkpoint,
-                     make_adam, make_grad_scaler, progress, resolve_device, rng_state,
-                     run_training, save_checkpoint, seed_everything, set_rng_state)
+from . import engine
+from .common import (RunConfig, all_reduce_sum, autocast, make_adam, make_grad_scaler,
+                     resolve_device, run_training, seed_everything)
 from .use import bert_options, is_run, load_run
 
 __all__ = ["FinetuneConfig", "finetune", "PairDataset", "build_finetune_model",
@@ -262,6 +261,40 @@ def evaluate_accuracy(net, loader, device, amp: str = "off", dist=None) -> float
     return float(acc[0] / max(acc[1], 1))
 
 
+class _FinetuneTask(engine.Task):
+    """The book's fine-tuning step (train_batch_ch13) and its per-epoch test accuracy."""
+    kind, curves, num_stats = "finetune", ("loss", "train_acc", "test_acc"), 3
+    vocab_hint = "different data, --train-limit or --min-freq"
+    loss = nn.CrossEntropyLoss(reduction="none")
+
+    def forward(self, model, batch, dist):
+        X, y = batch
+        pred = model(X)
+        l = self.loss(pred.float(), y)
+        stats = torch.stack([l.detach().sum().double(),
+                             (pred.detach().argmax(dim=1) == y).sum().double(),
+                             torch.tensor(float(y.numel()), dtype=torch.float64,
+                                          device=y.device)]).cpu()
+        return l.sum() * self.grad_scale, stats
+
+    def record(self, b):
+        return {"loss": float(b[0] / b[2]), "train_acc": float(b[1] / b[2]),
+                "examples": int(b[2])}
+
+    def postfix(self, sums, stats):
+        return {"loss": f"{sums[0] / sums[2]:.3f}", "acc": f"{sums[1] / sums[2]:.3f}"}
+
+    def epoch_row(self, eng, epoch, sums):
+        test_acc = evaluate_accuracy(eng.model, self.test_iter, eng.device, eng.cfg.amp,
+                                     eng.dist)
+        row = {"epoch": epoch + 1, "epoch_float": epoch + 1.0,
+               "loss": float(sums[0] / sums[2]), "train_acc": float(sums[1] / sums[2]),
+               "test_acc": test_acc, "steps": eng.global_step}
+        eng.say(f"epoch {epoch + 1}: loss {row['loss']:.3f}, train acc "
+                f"{row['train_acc']:.3f}, test acc {test_acc:.3f}")
+        return row
+
+
 def finetune(cfg: Optional[FinetuneConfig] = None, **overrides) -> Dict[str, Any]:
     """Fine-tune on SNLI; returns ``{"epochs": [...], "steps": [...], "test_acc": ...,
     "examples_per_sec": ..., "model": classifier, "vocab": vocab}`` (every rank returns;
@@ -296,126 +329,23 @@ def _finetune(cfg: FinetuneConfig, dist) -> Dict[str, Any]:
     if cfg.lr is None:
         # The book fine-tunes pretrained weights at 1e-4; a fresh model learns faster at 5e-4.
         cfg = dataclasses.replace(cfg, lr=1e-4 if cfg.pretrained else 5e-4)
-    optimizer = make_adam([p for p in net.parameters() if p.requires_grad], cfg.lr)
-    scaler = make_grad_scaler(device, cfg.amp)
-    log = MetricsLog(cfg.out_dir, dataclasses.asdict(cfg), enabled=main)
-    start_epoch = start_step = global_step = 0
-    partial = None
-    ckpt_path = find_resume_checkpoint(cfg)
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
-    if ckpt is not None:
-        if ckpt.get("kind") != "finetune":
-            raise ValueError(f"{ckpt_path} is not a fine-tuning checkpoint "
-                             f"(kind {ckpt.get('kind')!r})")
-        if vocab is not None and ckpt.get("vocab") != vocab.idx_to_token:
-            raise ValueError(f"{ckpt_path} was trained with another vocabulary (different "
-                             "data, --train-limit or --min-freq)")
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_step = ckpt["epoch"], ckpt["step_in_epoch"]
-        global_step, partial = ckpt["global_step"], ckpt.get("partial")
-        log.data["steps"], log.data["epochs"] = ckpt["log"]["steps"], ckpt["log"]["epochs"]
-        say(f"resumed from {ckpt_path}: epoch {start_epoch + 1}, step {start_step}")
-
-    train_sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, shuffle=True,
-                                       seed=cfg.seed, lengths=train_set.lengths,
-                                       bucket=cfg.bucket, rank=dist.rank,
-                                       world_size=dist.world_size)
-    train_iter = _loader(train_set, train_sampler, cfg)
-    test_iter, _ = eval_loader(test_set, cfg.eval_batch_size or cfg.batch_size,
-                               bucket=cfg.bucket, trim=cfg.trim, num_workers=cfg.num_workers,
-                               rank=dist.rank, world_size=dist.world_size)
-    model = net
-    if dist.enabled:
-        model = nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
-    loss = nn.CrossEntropyLoss(reduction="none")
+    task = _FinetuneTask()
+    task.net = task.step_module = net
+    task.bert, task.vocab, task.train_set = bert, vocab, train_set
+    task.optimizer = make_adam([p for p in net.parameters() if p.requires_grad], cfg.lr)
+    task.scaler = make_grad_scaler(device, cfg.amp)
+    task.collate = (functools.partial(trim_collate, nested=True) if cfg.trim
+                    else torch.utils.data.default_collate)
     # train_batch_ch13 backpropagates l.sum(); DDP averages over ranks, so each rank scales
     # its local sum by the world size: the update equals one process on the global batch.
-    grad_scale = float(dist.world_size)
-
-    def save(epoch, step_in_epoch, partial_sums=None):
-        if main and cfg.out_dir:
-            save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), {
-                "kind": "finetune", "model": net.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                "partial": partial_sums, "rng": rng_state(), "log": log.data,
-                "config": dataclasses.asdict(cfg), "bert_options": bert_options(bert),
-                "vocab": vocab.idx_to_token if vocab is not None else None})
-
-    if ckpt is not None:
-        set_rng_state(ckpt["rng"])  # last: everything above may have drawn random numbers
-    timer = Timer()
-    num_examples_timed = 0
-    test_acc = None
-    stopped = False
-    for epoch in range(start_epoch, cfg.epochs):
-        train_sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
-        num_batches = len(train_sampler.global_batches())
-        # Sums of loss, correct predictions and examples over the global batches.
-        sums = torch.tensor(partial if partial is not None and epoch == start_epoch
-                            else [0.0, 0.0, 0.0], dtype=torch.float64)
-        step_in_epoch = train_sampler.start_step
-        bar = progress(train_iter, main and cfg.progress, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        for X, y in bar:
-            timer.start()
-            X = [x.to(device, non_blocking=True) for x in X]
-            y = y.to(device, non_blocking=True)
-            model.train()
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, cfg.amp):
-                pred = model(X)
-            l = loss(pred.float(), y)
-            total = l.sum() * grad_scale
-            if scaler is not None:
-                scaler.scale(total).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                total.backward()
-                optimizer.step()
-            batch = torch.stack([l.detach().sum().double(),
-                                 (pred.detach().argmax(dim=1) == y).sum().double(),
-                                 torch.tensor(float(y.numel()), dtype=torch.float64,
-                                              device=y.device)]).cpu()
-            all_reduce_sum(batch, dist)
-            step_seconds = timer.stop()
-            sums += batch
-            num_examples_timed += int(batch[2])
-            step_in_epoch += 1
-            global_step += 1
-            log.steps.append({"step": global_step,
-                              "epoch_float": epoch + step_in_epoch / num_batches,
-                              "loss": float(batch[0] / batch[2]),
-                              "train_acc": float(batch[1] / batch[2]),
-                              "examples": int(batch[2]), "seconds": step_seconds})
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{sums[1] / sums[2]:.3f}")
-            if cfg.max_steps is not None and global_step >= cfg.max_steps:
-                stopped = True
-                break
-        if stopped and step_in_epoch < num_batches:
-            # Stopped mid-epoch: keep the position so --resume continues exactly here.
-            save(epoch, step_in_epoch, sums.tolist())
-            log.write(curves=("loss", "train_acc", "test_acc"))
-            break
-        test_acc = evaluate_accuracy(model, test_iter, device, cfg.amp, dist)
-        row = {"epoch": epoch + 1, "epoch_float": epoch + 1.0,
-               "loss": float(sums[0] / sums[2]), "train_acc": float(sums[1] / sums[2]),
-               "test_acc": test_acc, "steps": global_step}
-        log.epochs.append(row)
-        say(f"epoch {epoch + 1}: loss {row['loss']:.3f}, train acc {row['train_acc']:.3f}, "
-            f"test acc {test_acc:.3f}")
-        save(epoch + 1, 0)
-        log.write(curves=("loss", "train_acc", "test_acc"))
-        if stopped:
-            break
+    task.grad_scale = float(dist.world_size)
+    task.test_iter, _ = eval_loader(test_set, cfg.eval_batch_size or cfg.batch_size,
+                                    bucket=cfg.bucket, trim=cfg.trim,
+                                    num_workers=cfg.num_workers, rank=dist.rank,
+                                    world_size=dist.world_size)
+    eng = engine.train(cfg, dist, device, task)
+    log, timer, num_examples_timed = eng.log, eng.timer, eng.examples
+    test_acc = log.epochs[-1]["test_acc"] if log.epochs else None
     eps = num_examples_timed / timer.total if timer.total > 0 else 0.0
     dev_desc = f"{dist.world_size} x {device}" if dist.enabled else str(device)
     if log.epochs:

@@ -24,11 +24,9 @@ from ..data.batching import GlobalBatchSampler, trim_collate
 from ..data.download import download_data_once
 from ..data.paths import locate_wiki
 from ..data.wiki import WikiTextDataset, read_wiki
-from .common import (MetricsLog, RunConfig, Timer, all_reduce_sum, autocast,
-                     find_resume_checkpoint, load_checkpoint,
-                     make_adam, make_grad_scaler, progress, resolve_device, rng_state,
-                     run_training, save_checkpoint, seed_everything, set_rng_state)
-from .use import bert_options
+from . import engine
+from .common import (RunConfig, all_reduce_sum, make_adam, make_grad_scaler, resolve_device,
+                     run_training, seed_everything)
 
 __all__ = ["PretrainConfig", "pretrain", "PretrainLoss", "batch_loss_bert"]
 
@@ -91,6 +89,46 @@ class PretrainLoss(nn.Module):
         return mlm_l.float(), nsp_l.float()
 
 
+class _PretrainTask(engine.Task):
+    """The book's pretraining step (_get_batch_loss_bert) over DDP shards."""
+    kind, curves, num_stats = "pretrain", ("mlm_loss", "nsp_loss"), 3
+    vocab_hint = "different data, --max-paragraphs or --seed"
+
+    def forward(self, model, batch, dist):
+        n_local = batch[0].shape[0]
+        w_local = batch[4].sum()
+        counts = torch.tensor([float(n_local), float(w_local)], dtype=torch.float64)
+        all_reduce_sum(counts, dist)
+        mlm_l, nsp_l = model(*batch)
+        # Each rank's losses are means over its shard; weighting them by the shard's
+        # share (x world size, as DDP averages) gives exactly the global-batch means.
+        nsp_share = n_local * dist.world_size / counts[0].item()
+        mlm_share = (nsp_share if self.book
+                     else float(w_local) * dist.world_size / max(counts[1].item(), 1e-8))
+        total = mlm_l * mlm_share + nsp_l * nsp_share
+        stats = torch.tensor([mlm_l.item() * mlm_share / dist.world_size,
+                              nsp_l.item() * nsp_share / dist.world_size, float(n_local)],
+                             dtype=torch.float64)
+        return total, stats
+
+    def record(self, v):
+        return {"mlm_loss": float(v[0]), "nsp_loss": float(v[1]), "examples": int(v[2])}
+
+    def postfix(self, sums, v):
+        return {"mlm": f"{v[0]:.3f}", "nsp": f"{v[1]:.3f}"}
+
+    def progress_total(self, sampler, cfg, global_step):
+        return min(len(sampler), cfg.max_steps - global_step) if cfg.max_steps else None
+
+    def epoch_row(self, eng, epoch, sums):
+        rows = [r for r in eng.log.steps if epoch < r["epoch_float"] <= epoch + 1]
+        if not rows:
+            return None
+        return {"epoch": epoch + 1, "epoch_float": epoch + 1.0, "steps": eng.global_step,
+                "mlm_loss": sum(r["mlm_loss"] for r in rows) / len(rows),
+                "nsp_loss": sum(r["nsp_loss"] for r in rows) / len(rows)}
+
+
 def pretrain(cfg: Optional[PretrainConfig] = None, **overrides) -> Dict[str, Any]:
     """Pretrain on WikiText-2; returns ``{"steps": [...], "epochs": [...], "mlm_loss",
     "nsp_loss", "pairs_per_sec", "model", "vocab"}``."""
@@ -130,116 +168,16 @@ def _pretrain(cfg: PretrainConfig, dist) -> Dict[str, Any]:
                      mlm_in_features=h, nsp_in_features=h)
     if not bert.encoder.train_pos_embedding:
         bert.encoder.pos_embedding.requires_grad_(False)  # d2l 0.17 never trains it
-    step_module = PretrainLoss(bert, len(vocab), cfg.mlm_loss == "book").to(device)
-    optimizer = make_adam([p for p in bert.parameters() if p.requires_grad], cfg.lr)
-    scaler = make_grad_scaler(device, cfg.amp)
-    log = MetricsLog(cfg.out_dir, dataclasses.asdict(cfg), enabled=main)
-    start_epoch = start_step = global_step = 0
-    ckpt_path = find_resume_checkpoint(cfg)
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
-    if ckpt is not None:
-        if ckpt.get("kind") != "pretrain":
-            raise ValueError(f"{ckpt_path} is not a pretraining checkpoint "
-                             f"(kind {ckpt.get('kind')!r})")
-        if ckpt.get("vocab") != vocab.idx_to_token:
-            raise ValueError(f"{ckpt_path} was trained with another vocabulary (different "
-                             "data, --max-paragraphs or --seed)")
-        bert.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_step = ckpt["epoch"], ckpt["step_in_epoch"]
-        global_step = ckpt["global_step"]
-        log.data["steps"], log.data["epochs"] = ckpt["log"]["steps"], ckpt["log"]["epochs"]
-        say(f"resumed from {ckpt_path}: epoch {start_epoch + 1}, step {start_step}")
-
-    sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                 lengths=train_set.lengths, bucket=cfg.bucket, rank=dist.rank,
-                                 world_size=dist.world_size)
-    collate = (functools.partial(trim_collate, valid_len_index=2, seq_fields=(0, 1))
-               if cfg.trim else torch.utils.data.default_collate)
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=cfg.num_workers,
-                                         generator=torch.Generator().manual_seed(0))
-    model = step_module
-    if dist.enabled:
-        model = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
-
-    def save(epoch, step_in_epoch):
-        if main and cfg.out_dir:
-            save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), {
-                "kind": "pretrain", "model": bert.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                "rng": rng_state(), "log": log.data, "config": dataclasses.asdict(cfg),
-                "bert_options": bert_options(bert), "vocab": vocab.idx_to_token})
-
-    if ckpt is not None:
-        set_rng_state(ckpt["rng"])
-    timer, pairs = Timer(), 0
-    done = cfg.max_steps is not None and global_step >= cfg.max_steps
-    curves = ("mlm_loss", "nsp_loss")
-    for epoch in range(start_epoch, cfg.epochs):
-        if done:
-            break
-        sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
-        num_batches = len(sampler.global_batches())
-        step_in_epoch = sampler.start_step
-        bar = progress(loader, main and cfg.progress, desc=f"epoch {epoch + 1}",
-                       total=(min(len(sampler), cfg.max_steps - global_step)
-                              if cfg.max_steps else None))
-        for batch in bar:
-            timer.start()
-            batch = [t.to(device, non_blocking=True) for t in batch]
-            n_local = batch[0].shape[0]
-            w_local = batch[4].sum()
-            counts = torch.tensor([float(n_local), float(w_local)], dtype=torch.float64)
-            all_reduce_sum(counts, dist)
-            model.train()
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, cfg.amp):
-                mlm_l, nsp_l = model(*batch)
-            # Each rank's losses are means over its shard; weighting them by the shard's
-            # share (x world size, as DDP averages) gives exactly the global-batch means.
-            nsp_share = n_local * dist.world_size / counts[0].item()
-            mlm_share = (nsp_share if cfg.mlm_loss == "book"
-                         else float(w_local) * dist.world_size / max(counts[1].item(), 1e-8))
-            total = mlm_l * mlm_share + nsp_l * nsp_share
-            if scaler is not None:
-                scaler.scale(total).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                total.backward()
-                optimizer.step()
-            vals = torch.tensor([mlm_l.item() * mlm_share, nsp_l.item() * nsp_share],
-                                dtype=torch.float64) / dist.world_size
-            all_reduce_sum(vals, dist)
-            step_seconds = timer.stop()
-            pairs += int(counts[0].item())
-            step_in_epoch += 1
-            global_step += 1
-            log.steps.append({"step": global_step,
-                              "epoch_float": epoch + step_in_epoch / num_batches,
-                              "mlm_loss": float(vals[0]), "nsp_loss": float(vals[1]),
-                              "examples": int(counts[0].item()), "seconds": step_seconds})
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(mlm=f"{vals[0]:.3f}", nsp=f"{vals[1]:.3f}")
-            if cfg.max_steps is not None and global_step >= cfg.max_steps:
-                done = True
-                break
-        finished_epoch = step_in_epoch >= num_batches
-        rows = [r for r in log.steps if epoch < r["epoch_float"] <= epoch + 1]
-        if finished_epoch and rows:
-            log.epochs.append({"epoch": epoch + 1, "epoch_float": epoch + 1.0, "steps": global_step,
-                               "mlm_loss": sum(r["mlm_loss"] for r in rows) / len(rows),
-                               "nsp_loss": sum(r["nsp_loss"] for r in rows) / len(rows)})
-        save(epoch + 1 if finished_epoch else epoch, 0 if finished_epoch else step_in_epoch)
-        log.write(curves=curves)
+    task = _PretrainTask()
+    task.step_module = PretrainLoss(bert, len(vocab), cfg.mlm_loss == "book").to(device)
+    task.net = task.bert = bert
+    task.vocab, task.train_set, task.book = vocab, train_set, cfg.mlm_loss == "book"
+    task.optimizer = make_adam([p for p in bert.parameters() if p.requires_grad], cfg.lr)
+    task.scaler = make_grad_scaler(device, cfg.amp)
+    task.collate = (functools.partial(trim_collate, valid_len_index=2, seq_fields=(0, 1))
+                    if cfg.trim else torch.utils.data.default_collate)
+    eng = engine.train(cfg, dist, device, task)
+    log, timer, pairs, curves = eng.log, eng.timer, eng.examples, task.curves
     # The book prints the mean of the per-step losses over the run.
     steps = log.steps
     mlm = sum(r["mlm_loss"] for r in steps) / max(len(steps), 1)
