@@ -218,21 +218,33 @@ def train(cfg, dist, device, task: Task) -> Engine:
     eng.model = model
 
     def save(epoch, step_in_epoch, partial_sums=None):
-        if not (main and cfg.out_dir):
+        if not cfg.out_dir:
+            return
+        # Every rank's RNGs: ranks draw different amounts (dropout over differently sized
+        # shards), so each gets its own back on resume.
+        rngs = [None] * dist.world_size if main else None
+        if dist.enabled:
+            tdist.gather_object(rng_state(), rngs, dst=0)
+        else:
+            rngs = [rng_state()]
+        if not main:
             return
         eng.last_checkpoint = ckpt_io.save_checkpoint(cfg.out_dir, {
             "kind": task.kind, "model": net.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": eng.global_step,
-            "partial": partial_sums, "rng": rng_state(), "log": log.data,
+            "partial": partial_sums, "rng": rngs[0], "rng_ranks": rngs, "log": log.data,
             "scaler_skipped": eng.scaler_skipped, "world_size": dist.world_size,
             "config": dataclasses.asdict(cfg), "bert_options": bert_options(task.bert),
             "vocab": task.vocab.idx_to_token if task.vocab is not None else None},
             eng.global_step, keep=keep)
 
     if state is not None:
-        set_rng_state(state["rng"])  # last: everything above may have drawn random numbers
+        # Last: everything above may have drawn random numbers.  This rank's own RNGs when
+        # the world size is the same, else rank 0's.
+        ranks = state.get("rng_ranks") or []
+        set_rng_state(ranks[dist.rank] if len(ranks) == dist.world_size else state["rng"])
     state = None
     kill = _kill_hook()
     eng.timer, eng.examples = Timer(), 0
