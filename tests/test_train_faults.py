@@ -149,3 +149,34 @@ def test_memory_stays_flat_over_hundreds_of_steps():
     rss = {s["step"]: s["rss_mb"] for s in r["steps"] if "rss_mb" in s}
     assert sorted(rss) == list(range(25, 301, 25))
     assert rss[300] - rss[100] < 8.0, rss
+
+
+def test_pretrained_with_a_vocabulary_that_does_not_fit_says_which(tmp_path):
+    import json
+    from fastbert import BERTModel
+    from fastbert.data import load_snli_split, snli_vocab
+    from train_testing import DATA
+    vocab = snli_vocab(tuple(x[:200] for x in load_snli_split(DATA, "dev")))
+    bert = BERTModel(len(vocab), 32, [32], 32, 64, 2, 1, 0.1, max_len=64, key_size=32,
+                     query_size=32, value_size=32, hid_in_features=32, mlm_in_features=32,
+                     nsp_in_features=32)
+    folder = tmp_path / "bert.mini.torch"
+    folder.mkdir()
+    torch.save(bert.state_dict(), folder / "pretrained.params")
+    with open(folder / "vocab.json", "w") as f:
+        json.dump(vocab.idx_to_token[:-5], f)     # 5 tokens short of the embedding
+    with pytest.raises(ValueError, match=rf"pretrained.params does not fit .*vocab="
+                                         rf"{len(vocab) - 5}.*'vocab_size': {len(vocab)}"
+                                         r"(.|\n)*token_embedding.weight"):
+        ft(pretrained=str(folder), train_limit=32, test_limit=8, batch_size=32, epochs=1)
+
+
+def test_malformed_data_line_names_file_and_line(tmp_path):
+    bad = tmp_path / "snli_1.0_dev.tokenized.tsv"
+    bad.write_text("gold_label\tsentence1\tsentence2\nneutral\ta b\tc d\n"
+                   "entailment\tonly two columns\n")
+    (tmp_path / "snli_1.0_test.tokenized.tsv").write_text(
+        "gold_label\tsentence1\tsentence2\nneutral\ta b\tc d\n")
+    with pytest.raises(ValueError, match=rf"{bad}:3: expected 3 tab-separated columns"):
+        ft(data_dir=str(tmp_path), out_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()   # nothing written before the data is read
