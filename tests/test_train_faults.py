@@ -180,3 +180,18 @@ def test_malformed_data_line_names_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=rf"{bad}:3: expected 3 tab-separated columns"):
         ft(data_dir=str(tmp_path), out_dir=str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()   # nothing written before the data is read
+
+
+def test_grad_scaler_skips_are_reported_not_fatal(monkeypatch):
+    # fp16's GradScaler exists for CUDA only in training; on the CPU a scaler with an
+    # absurd initial scale makes the scaled gradients overflow, as fp16 ones do: the step is
+    # skipped and the scale lowered, which the run must count and survive.
+    import importlib
+    ft_mod = importlib.import_module("fastbert.train.finetune")
+    monkeypatch.setattr(ft_mod, "make_grad_scaler",
+                        lambda device, amp: torch.amp.GradScaler("cpu", init_scale=2.0 ** 127))
+    r = ft(**dict(KW, epochs=1))
+    skipped = [s["step"] for s in r["steps"] if s.get("scaler_skipped")]
+    assert skipped and skipped[0] == 1, r["steps"]
+    assert len(r["steps"]) == 5 and all(s["loss"] == s["loss"] for s in r["steps"])
+    assert all(torch.isfinite(p).all() for p in r["model"].parameters())
