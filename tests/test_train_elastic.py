@@ -5,6 +5,7 @@ itself from the newest checkpoint, ending bit-for-bit where an uninterrupted run
 single-process result.  CPU, gloo, a tiny model, the CLI as a user runs it."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,12 +37,18 @@ def _torchrun(launch, args, **env):
     e.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO, **env)
     cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "fastbert", "finetune",
            *ARGS, *args]
+    # Its own session: a launcher that hangs is stopped with its workers (killpg).
     return subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _finish(p, timeout=240):
-    out, _ = p.communicate(timeout=timeout)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n{out[-6000:]}")
     assert p.returncode == 0, out[-4000:]
     return out
 

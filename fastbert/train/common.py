@@ -87,9 +87,30 @@ def setup_distributed(device: str) -> DistInfo:
     info = DistInfo(rank, world, local)
     if not tdist.is_initialized():
         dev = resolve_device(device, info)
-        tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        store = _elastic_store(world)
+        if store is not None:
+            tdist.init_process_group(backend, store=store, rank=rank, world_size=world)
+        else:
+            tdist.init_process_group(backend)
         info.initialized_here = True
     return info
+
+
+def _elastic_store(world: int):
+    """Under torchrun the workers share the agent's TCPStore, and that store outlives a
+    restart of the group; torch's env:// rendezvous uses it without a per-attempt prefix, so
+    a restarted rank can read the *killed* group's addresses and fail (gloo: "connection
+    refused") or hang.  A prefix per restart (TORCHELASTIC_RESTART_COUNT) keeps the attempts
+    apart.  None outside torchrun's agent store (the plain env:// rendezvous is used)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or \
+            "MASTER_ADDR" not in os.environ:
+        return None
+    from torch.distributed.constants import default_pg_timeout
+    base = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=default_pg_timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return tdist.PrefixStore(f"fastbert/attempt_{attempt}", base)
 
 
 def cleanup_distributed(info: DistInfo) -> None:
