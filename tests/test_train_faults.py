@@ -139,7 +139,7 @@ def test_pretrained_vocab_or_shape_mismatch_says_which(tmp_path):
            batch_size=32, epochs=2, num_hiddens=16)
 
 
-def test_memory_stays_flat_over_hundreds_of_steps():
+def test_memory_and_speed_stay_flat_over_hundreds_of_steps():
     # 300 steps of a tiny pretraining model, RSS logged every 25.  The first ~100 steps
     # fill the allocator caches and the lazily built kernels; after that a leak of even one
     # small tensor per step (a few KiB) would add MiBs.  Tolerance: 8 MiB from step 100 to
@@ -149,6 +149,11 @@ def test_memory_stays_flat_over_hundreds_of_steps():
     rss = {s["step"]: s["rss_mb"] for s in r["steps"] if "rss_mb" in s}
     assert sorted(rss) == list(range(25, 301, 25))
     assert rss[300] - rss[100] < 8.0, rss
+    # Throughput does not decay: the median step time of the last 100 steps within 2.5x
+    # that of steps 51-150 (medians, and a wide margin: the 2 cores are shared).
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    secs = [s["seconds"] for s in r["steps"]]
+    assert med(secs[200:]) < 2.5 * med(secs[50:150]), (med(secs[50:150]), med(secs[200:]))
 
 
 def test_pretrained_with_a_vocabulary_that_does_not_fit_says_which(tmp_path):
