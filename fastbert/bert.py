@@ -243,8 +243,8 @@ class MaskLM(nn.Module):
     ``linear_backward``, that feeds the incoming logits gradient straight to the two GEMMs
     and the bias sum, with no autograd nodes between them).  The reference backend's
     ``linear`` is ``F.linear``: d2l's arithmetic.  The ReLU + LayerNorm between the Linear
-    layers work on ``[B*P, num_hiddens]`` (0.2% of the head's time in the book's step,
-    benchmarks/README.md) and stay PyTorch's."""
+    layers work on ``[B*P, num_hiddens]`` (about 1% of the book's pretraining step in its
+    profile, benchmarks/README.md) and stay PyTorch's."""
 
     def __init__(self, vocab_size, num_hiddens, num_inputs=768, **kwargs):
         super().__init__(**kwargs)
