@@ -135,27 +135,28 @@ def find_resume(cfg, dist) -> Optional[str]:
 
 
 def _load_resume(cfg, dist, say):
-    """``(path, state)`` read by rank 0 and broadcast to the others (no shared disk needed)."""
-    where = find_resume(cfg, dist)
-    if where is None:
+    """``(path, state)``: rank 0 decides where to resume from, reads the checkpoint and
+    broadcasts it, so the other ranks (other nodes) need no shared disk."""
+    if not cfg.resume and restart_count() == 0:
         return None, None
     box: List[Any] = [None, None, None]
     if dist.is_main:
         try:
-            if os.path.isdir(where):
+            where = find_resume(cfg, dist)
+            if where is not None and os.path.isdir(where):
                 path, state = ckpt_io.latest_checkpoint(where)
                 if path is None:
                     raise FileNotFoundError(f"--resume: no checkpoint in {where}")
-            else:
-                path, state = where, ckpt_io.load_checkpoint(where)
-            box = [path, state, None]
+                box = [path, state, None]
+            elif where is not None:
+                box = [where, ckpt_io.load_checkpoint(where), None]
         except (OSError, ValueError) as e:
             box = [None, None, e]
     if dist.enabled:
         tdist.broadcast_object_list(box, src=0)
     if box[2] is not None:
         raise box[2]
-    if restart_count() > 0 and not cfg.resume:
+    if box[1] is not None and restart_count() > 0 and not cfg.resume:
         say(f"torchrun restart {restart_count()}: resuming from the newest checkpoint")
     return box[0], box[1]
 
