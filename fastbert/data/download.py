@@ -27,6 +27,8 @@ import urllib.request
 import zipfile
 from typing import Iterable, Optional
 
+from .._fsync import fsync_dir as _fsync_dir
+
 __all__ = ["fetch", "extract_atomic", "download_data", "download_data_once", "DATASET_ARCHIVES",
            "sha1_of"]
 
@@ -46,19 +48,6 @@ def sha1_of(path: str) -> str:
         for block in iter(lambda: f.read(_CHUNK), b""):
             sha1.update(block)
     return sha1.hexdigest()
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not every platform opens folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _bar(total: Optional[int], initial: int, name: str, enabled: bool):

@@ -31,6 +31,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from .._fsync import fsync_dir as _fsync_dir
+
 __all__ = ["load_checkpoint", "save_checkpoint", "find_checkpoints", "latest_checkpoint",
            "checkpoint_path", "remove_checkpoints", "CheckpointError", "LATEST_NAME"]
 
@@ -44,19 +46,6 @@ class CheckpointError(ValueError):
 
 def checkpoint_path(out_dir: str, global_step: int) -> str:
     return os.path.join(out_dir, f"checkpoint-{int(global_step):09d}.pt")
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_bytes(f, data: bytes) -> None:
