@@ -245,6 +245,15 @@ def test_finetune_chapter(benchmark, impl, chapter_data, d2l, timing, baseline, 
 
 
 # ----------------------------------------------------------------------------- script mode
+def chapter_steps(chapter: str, d2l, batch=None):
+    """(batches, {impl: one step}, data source) of a chapter, for the script modes."""
+    if chapter == "pretrain":
+        batches, vocab_size, src = wiki_batches(batch or PRETRAIN["batch"])
+        return batches, {i: make_pretrain_step(i, d2l, batches, vocab_size)[0] for i in IMPLS}, src
+    batches, src = snli_batches(batch or FINETUNE["batch"])
+    return batches, {i: make_finetune_step(i, d2l, batches)[0] for i in IMPLS}, src
+
+
 def interleaved(chapters=("pretrain", "finetune"), rounds: int = 5, batch=None) -> dict:
     """Every implementation of each chapter timed round by round (one step each per round, in
     turn), so machine noise hits them alike; prints medians and the per-round ratios."""
@@ -252,12 +261,7 @@ def interleaved(chapters=("pretrain", "finetune"), rounds: int = 5, batch=None) 
     d2l = harness.load_d2l_017()
     out = {}
     for chapter in chapters:
-        if chapter == "pretrain":
-            batches, vocab_size, src = wiki_batches(batch or PRETRAIN["batch"])
-            fns = {i: make_pretrain_step(i, d2l, batches, vocab_size)[0] for i in IMPLS}
-        else:
-            batches, src = snli_batches(batch or FINETUNE["batch"])
-            fns = {i: make_finetune_step(i, d2l, batches)[0] for i in IMPLS}
+        batches, fns, src = chapter_steps(chapter, d2l, batch)
         with fastbert.cpu_cache_disabled():
             for fn in fns.values():
                 for _ in range(len(batches)):
@@ -289,12 +293,7 @@ def profile(chapter: str = "pretrain", steps: int = 3, top: int = 25, batch=None
     from torch.profiler import ProfilerActivity, profile as tprofile
     import fastbert
     d2l = harness.load_d2l_017()
-    if chapter == "pretrain":
-        batches, vocab_size, src = wiki_batches(batch or PRETRAIN["batch"])
-        fns = {i: make_pretrain_step(i, d2l, batches, vocab_size)[0] for i in IMPLS}
-    else:
-        batches, src = snli_batches(batch or FINETUNE["batch"])
-        fns = {i: make_finetune_step(i, d2l, batches)[0] for i in IMPLS}
+    batches, fns, src = chapter_steps(chapter, d2l, batch)
     print(f"{chapter}: {src}; threads {torch.get_num_threads()}")
     with fastbert.cpu_cache_disabled():
         for impl, fn in fns.items():

@@ -12,8 +12,8 @@ import torch
 from fastbert.cli import main
 from fastbert.data import load_snli_split, snli_vocab
 from fastbert.train import FinetuneConfig, PretrainConfig, finetune, pretrain
-from train_testing import (DATA, REPO, SNLI, TINY, WIKI, WIKI_SPLIT, need,  # noqa: F401
-                           one_thread)
+from train_testing import (DATA, REPO, SNLI, TINY, WIKI, WIKI_SPLIT,  # noqa: F401
+                           book_format_pretrained, need, one_thread)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -128,17 +128,11 @@ def test_compiled_matches_eager():
 
 
 def test_finetune_from_book_format_pretrained(tmp_path):
-    from fastbert import BERTModel
     data = load_snli_split(need(DATA), "dev")
     vocab = snli_vocab(tuple(x[:200] for x in data))
     torch.manual_seed(0)
-    bert = BERTModel(len(vocab), 32, [32], 32, 64, 2, 1, 0.1, max_len=64, key_size=32,
-                     query_size=32, value_size=32, hid_in_features=32, mlm_in_features=32,
-                     nsp_in_features=32)
     folder = tmp_path / "bert.mini.torch"
-    folder.mkdir()
-    torch.save(bert.state_dict(), folder / "pretrained.params")
-    vocab.save_json(str(folder / "vocab.json"))
+    bert = book_format_pretrained(folder, vocab)
     r = ft(pretrained=str(folder), train_limit=64, test_limit=32, batch_size=32, epochs=1)
     assert r["vocab"].idx_to_token == vocab.idx_to_token
     enc = r["model"].encoder

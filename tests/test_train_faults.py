@@ -157,19 +157,12 @@ def test_memory_and_speed_stay_flat_over_hundreds_of_steps():
 
 
 def test_pretrained_with_a_vocabulary_that_does_not_fit_says_which(tmp_path):
-    import json
-    from fastbert import BERTModel
     from fastbert.data import load_snli_split, snli_vocab
-    from train_testing import DATA
+    from train_testing import DATA, book_format_pretrained
     vocab = snli_vocab(tuple(x[:200] for x in load_snli_split(DATA, "dev")))
-    bert = BERTModel(len(vocab), 32, [32], 32, 64, 2, 1, 0.1, max_len=64, key_size=32,
-                     query_size=32, value_size=32, hid_in_features=32, mlm_in_features=32,
-                     nsp_in_features=32)
     folder = tmp_path / "bert.mini.torch"
-    folder.mkdir()
-    torch.save(bert.state_dict(), folder / "pretrained.params")
-    with open(folder / "vocab.json", "w") as f:
-        json.dump(vocab.idx_to_token[:-5], f)     # 5 tokens short of the embedding
+    # vocab.json 5 tokens short of the embedding
+    book_format_pretrained(folder, vocab, vocab_tokens=vocab.idx_to_token[:-5])
     with pytest.raises(ValueError, match=rf"pretrained.params does not fit .*vocab="
                                          rf"{len(vocab) - 5}.*'vocab_size': {len(vocab)}"
                                          r"(.|\n)*token_embedding.weight"):

@@ -81,3 +81,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def book_format_pretrained(folder, vocab, vocab_tokens=None):
+    """A tiny BERT (hidden 32, one block) saved in the book's pretrained format in ``folder``:
+    ``pretrained.params`` and ``vocab.json`` (``vocab_tokens``: the tokens written there,
+    default the whole vocabulary).  Returns the model."""
+    import json
+
+    from fastbert import BERTModel
+    bert = BERTModel(len(vocab), 32, [32], 32, 64, 2, 1, 0.1, max_len=64, key_size=32,
+                     query_size=32, value_size=32, hid_in_features=32, mlm_in_features=32,
+                     nsp_in_features=32)
+    folder.mkdir()
+    torch.save(bert.state_dict(), folder / "pretrained.params")
+    with open(folder / "vocab.json", "w") as f:
+        json.dump(vocab.idx_to_token if vocab_tokens is None else vocab_tokens, f)
+    return bert
