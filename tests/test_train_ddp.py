@@ -8,6 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from fastbert.train import FinetuneConfig, PretrainConfig, finetune, pretrain
+from op_testing import require
 from train_testing import DATA, SNLI, TINY, WIKI, WIKI_SPLIT, need, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,10 +81,10 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 
 # The fast path: the cpp backend (unpadded varlen encoder, forward_rows skipping the last
-# block's pad rows) under DDP, fp32 and bf16 autocast, eager and torch.compile.  bf16
-# compiled is left out: it passes (checked by hand) but doubles the test's time (53 -> 110 s
-# on the shared 2 cores).
-FAST = [("off", False), ("bf16", False), ("off", True)]
+# block's pad rows) under DDP, fp32 and bf16 autocast, eager and torch.compile (bf16
+# compiled roughly doubles the test's time, 53 -> 110 s on the shared 2 cores: it is the
+# issue's own case, so it stays).
+FAST = [("off", False), ("bf16", False), ("off", True), ("bf16", True)]
 
 
 def _fast(amp, compile_):
@@ -108,9 +109,8 @@ def _fast_worker(rank, world, ports, out):
 
 def test_ddp_on_the_cpp_backend_fp32_bf16_compiled_match_one_process(tmp_path):
     need(SNLI)
-    from fastbert import backends
-    if "cpp" not in backends.available_backends():
-        pytest.skip("the cpp extension is not built here")
+    for op in ("varlen_attention", "add_layernorm", "ffn"):
+        require("cpp", op, torch.device("cpu"), torch.float32)  # a required backend fails
     out = str(tmp_path / "rank0.pt")
     mp.spawn(_fast_worker, args=(2, [_free_port() for _ in FAST], out), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=False)
