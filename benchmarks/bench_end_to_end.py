@@ -28,7 +28,10 @@ book's (``LAYOUTS``):
                             on the book's input, for reference, cpp and triton (CUDA only);
                             ``extra_info["ops"]`` says which backend ran each op;
   ``fastbert-cpp-grouped``  the same on the grouped batches, each trimmed to its longest
-                            rounded up to 8 (``fastbert.data.trim_collate``, the CLI default).
+                            rounded up to 8 (``fastbert.data.trim_collate``, the CLI default);
+  ``fastbert-cpp-compile-grouped``  ``torch.compile`` of that model as ``python -m fastbert
+                            finetune --compile`` does it (``fastbert.train.compiling``:
+                            dynamic shapes, one graph through ``pack``), same batches.
 Every layout holds the same pairs (the grouped batches regroup the random batches' pairs), so
 tokens, examples and useful FLOPs per call are equal across rows: only padding and grouping
 differ.  benchmarks/README.md says how each peer is set up.
@@ -61,6 +64,7 @@ import torch
 from torch import nn
 
 import fastbert
+from fastbert.train import compiling
 
 import harness
 import peers
@@ -72,7 +76,7 @@ ROWS = {
     "hf-compile-grouped": "grouped",
     "torch-nested-longest": "longest", "ort-longest": "longest", "ort-grouped": "grouped",
     "fastbert-reference": "pad128", "fastbert-cpp": "pad128", "fastbert-triton": "pad128",
-    "fastbert-cpp-grouped": "grouped8",
+    "fastbert-cpp-grouped": "grouped8", "fastbert-cpp-compile-grouped": "grouped8",
 }
 INFERENCE_ONLY = ("torch-nested-longest", "ort-longest", "ort-grouped")
 TRAIN_IMPLS = tuple(i for i in ROWS if i not in INFERENCE_ONLY)
@@ -234,6 +238,14 @@ def build_model(impl: str, dims, d2l, dev, check_batch=None):
         torch.manual_seed(0)
         bert.load_state_dict(d2l.BERTModel(*args, **kwargs).state_dict())
     net = fastbert.BERTClassifier(bert, harness.NUM_CLASSES).to(dev)
+    if "compile" in variant:
+        torch._dynamo.reset()
+        compiled = compiling.compile_module(net)
+
+        def compiled_forward(m, inputs):
+            with compiling.scope(True):
+                return compiled(inputs)
+        return net, compiled_forward, backend
     return net, (lambda m, inputs: m(inputs)), backend
 
 

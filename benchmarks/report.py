@@ -24,7 +24,7 @@ BASELINE_IMPLS = ("d2l eager", "d2l-eager")
 E2E_ORDER = ("d2l-eager", "d2l-compile", "hf-sdpa", "hf-sdpa-pad128", "hf-sdpa-longest",
              "hf-sdpa-grouped", "hf-compile-grouped", "torch-nested-longest", "ort-longest",
              "ort-grouped", "fastbert-reference", "fastbert-cpp", "fastbert-cpp-grouped",
-             "fastbert-triton")
+             "fastbert-cpp-compile-grouped", "fastbert-triton")
 # The peers' columns of the at-a-glance table (bench_end_to_end.ROWS), in order, with titles.
 PEER_COLUMNS = (
     ("d2l-eager", "d2l eager (pad 128)"),
@@ -39,6 +39,7 @@ PEER_COLUMNS = (
 )
 FASTBERT_COLUMNS = (("fastbert-cpp", "fastbert cpp (pad 128)"),
                     ("fastbert-cpp-grouped", "fastbert cpp, grouped"),
+                    ("fastbert-cpp-compile-grouped", "torch.compile(fastbert), grouped"),
                     ("fastbert-triton", "fastbert triton (pad 128)"))
 LATENCY_ORDER = ("hf-sdpa", "hf-compile", "ort", "torch-nested", "fastbert-cpp")
 LATENCY_TITLES = {"hf-sdpa": "HF sdpa eager", "hf-compile": "torch.compile(HF, dynamic=True)",
@@ -63,6 +64,7 @@ book's dropout 0.2 when training), the same torch threads, fp32 or `torch.autoca
 | ort-longest / ort-grouped | ONNX Runtime 1.31 CPU execution provider | longest / grouped | the HF model's eager-attention twin (same weights) exported with `torch.onnx.export(opset 17, dynamic batch and sequence axes)`, then `onnxruntime.transformers.optimizer.optimize_model(model_type="bert", num_heads, hidden_size)` (fuses EmbedLayerNormalization, Attention, SkipLayerNormalization); session `ORT_ENABLE_ALL`, `intra_op_num_threads` = the torch threads, `inter_op_num_threads=1`; logits checked against PyTorch's; inference only, fp32 only |
 | fastbert-cpp | `fastbert.BERTClassifier` on the cpp backend, d2l's initial weights | padded to 128 (the encoder packs the valid tokens itself) | fastbert's caching CPU allocator installed, as a fastbert training run does (peers run with it paused) |
 | fastbert-cpp-grouped | the same | grouped, each batch trimmed to its longest rounded up to 8 (`fastbert.data.trim_collate`) | as above |
+| fastbert-cpp-compile-grouped | `torch.compile` of the same, as `python -m fastbert finetune --compile` does it (`fastbert.train.compiling`: `dynamic=True`, Dynamo traces through the data-dependent `pack`, so one graph) | grouped, trimmed, as above | warmed up over the whole cycle first (compile time not timed; the CLI reports it) |
 
 Weights: the HF-family peers share one seeded random initialization (speed does not depend
 on the values); fastbert rows load the d2l rows' initial weights. Batch-1 latency rows

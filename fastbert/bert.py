@@ -70,7 +70,10 @@ SMALL_ROWS = 8 * ROW_BUCKET
 def bucket_rows(rows: int, bucket: int) -> int:
     """The multiple ``rows`` packed rows are rounded up to under ``row_bucket() == bucket``.
     None (1) for inference on at most SMALL_GEMM_ROWS rows: those GEMMs run on ATen's addmm,
-    which compiles nothing per shape (fastbert/backends/kernel_call.py)."""
+    which compiles nothing per shape (fastbert/backends/kernel_call.py).  Under
+    torch.compile ``rows`` is unbacked (a function of the data): ``bucket`` as it is."""
+    if torch.compiler.is_compiling():
+        return bucket
     if bucket > 1 and rows <= SMALL_GEMM_ROWS and not torch.is_grad_enabled():
         return 1
     if bucket > SMALL_BUCKET and rows < SMALL_ROWS:
@@ -120,7 +123,8 @@ class BERTEncoder(nn.Module):
         ids, cu_seqlens, max_len = ops.pack(
             torch.stack([tokens.long(), segments.long(), positions], -1), valid_lens)
         row_multiple = bucket_rows(ids.shape[0], row_multiple)
-        if ids.shape[0] % row_multiple:
+        # Compiled, T is unbacked: pad by its (symbolic) remainder, which may be 0 rows.
+        if row_multiple > 1 and (torch.compiler.is_compiling() or ids.shape[0] % row_multiple):
             ids = torch.cat([ids, ids.new_zeros(-ids.shape[0] % row_multiple, ids.shape[1])])
         # One fused lookup-and-add (ops.embedding_sum), the same sum as embed()'s.
         pos_table = self.pos_embedding[0]
@@ -151,10 +155,11 @@ class BERTEncoder(nn.Module):
         return backends.resolve_name("varlen_attention", X.device.type, X.dtype) != "reference"
 
     def row_bucket(self) -> int:
-        """The packed row count's rounding (see ROW_BUCKET): eager runs with the cpp backend's
-        GEMMs on the CPU; 1 (no row padding) otherwise."""
+        """The packed row count's rounding (see ROW_BUCKET): runs with the cpp backend's GEMMs
+        on the CPU, eager or compiled (oneDNN builds a kernel per shape either way); 1 (no row
+        padding) otherwise."""
         weight = self.token_embedding.weight
-        if torch.compiler.is_compiling() or weight.device.type != "cpu":
+        if weight.device.type != "cpu":
             return 1
         return ROW_BUCKET if backends.resolve_name("linear", "cpu", weight.dtype) == "cpp" else 1
 
@@ -193,8 +198,6 @@ class BERTEncoder(nn.Module):
         if positions is None:
             for blk in blks:
                 packed = blk.forward_packed(packed, cu_seqlens, max_len)
-            if bucket > 1:
-                packed = packed[:int(cu_seqlens[-1])]
             return ops.unpack(packed, cu_seqlens, L)
         for blk in blks[:-1]:
             packed = blk.forward_packed(packed, cu_seqlens, max_len)

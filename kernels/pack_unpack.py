@@ -52,12 +52,15 @@ def cu_seqlens_from(valid_lens: torch.Tensor) -> torch.Tensor:
     return F.pad(torch.cumsum(valid_lens.to(torch.int64), 0), (1, 0)).to(torch.int32)
 
 
-def pack_rows(X: torch.Tensor, cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
-    """packed[T, ...] from X[B, L, ...] given the offsets (T = cu_seqlens[-1])."""
+def pack_rows(X: torch.Tensor, cu_seqlens: torch.Tensor, T: int,
+              out: torch.Tensor = None) -> torch.Tensor:
+    """packed[T, ...] from X[B, L, ...] given the offsets (T >= cu_seqlens[-1]: rows past it,
+    row padding in unpack's backward, are zero, as the cpp and CUDA twins write them)."""
     X, cu_seqlens = X.contiguous(), cu_seqlens.contiguous()
     B, L = X.shape[:2]
     NF = X[0, 0].numel() if B and L else 0
-    out = torch.empty((T,) + tuple(X.shape[2:]), dtype=X.dtype, device=X.device)
+    if out is None:  # zeros: the offsets never reach rows past cu_seqlens[-1]
+        out = torch.zeros((T,) + tuple(X.shape[2:]), dtype=X.dtype, device=X.device)
     if out.numel():
         block_l, block_f = _blocks(L, NF)
         grid = (B, triton.cdiv(L, block_l), triton.cdiv(NF, block_f))
@@ -68,7 +71,9 @@ def pack_rows(X: torch.Tensor, cu_seqlens: torch.Tensor, T: int) -> torch.Tensor
 def pack(X: torch.Tensor, valid_lens: torch.Tensor):
     """(packed[T, ...], cu_seqlens[B+1] int32); T is read back from the device (a sync)."""
     cu = cu_seqlens_from(valid_lens)
-    return pack_rows(X, cu, int(cu[-1])), cu
+    T = int(cu[-1])  # every row is written: no zero fill
+    return pack_rows(X, cu, T, torch.empty((T,) + tuple(X.shape[2:]), dtype=X.dtype,
+                                           device=X.device)), cu
 
 
 def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, L: int) -> torch.Tensor:

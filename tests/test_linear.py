@@ -212,3 +212,49 @@ def test_fp32_backward_with_and_without_onednn_matmul(disabled):
     done = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+def _gemm_dtypes(fn):
+    """{GEMM op name: set of its first input's dtype} for the GEMMs that ``fn()`` calls, as the
+    profiler records them (ATen's and oneDNN's, called from inside the cpp kernels too)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
+        fn()
+    seen = {}
+    for e in prof.events():
+        if e.name in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"):
+            types = [t for t in (e.input_dtypes or []) if t]
+            seen.setdefault(e.name, set()).add(types[0] if types else "?")
+    return seen
+
+
+@pytest.mark.parametrize("which", ["linear", "ffn"])
+def test_bf16_gemms_run_in_fp32_where_onednn_has_no_bf16(which):
+    """On a CPU without oneDNN bf16 kernels (AVX2: torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    is False) ATen's own bf16 GEMM is ~10x slower than fp32, so the cpp GEMMs widen bf16 to
+    fp32 there (csrc/cpu/onednn_gemm.h bf16_via_fp32): forward and backward call oneDNN's
+    fp32 linear and never ATen's bf16 mm/addmm.  Where oneDNN has bf16 kernels, they stay
+    bf16 (no widening copies).  Numerics: the reference tests above, in bf16."""
+    require_extension(which)
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    torch.manual_seed(0)
+    x = torch.randn(300, 48, dtype=torch.bfloat16, requires_grad=True)
+    w1 = (torch.randn(64, 48) / 7).bfloat16().requires_grad_()
+    b1 = torch.randn(64, dtype=torch.bfloat16, requires_grad=True)
+    w2 = (torch.randn(48, 64) / 8).bfloat16().requires_grad_()
+    b2 = torch.randn(48, dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        y = ops.linear(x, w1, b1) if which == "linear" else \
+            ops.ffn(x, w1, b1, w2, b2, activation="relu")
+        y.float().square().sum().backward()
+
+    with on_backend("cpp", which, torch.device("cpu"), torch.bfloat16):
+        seen = _gemm_dtypes(step)
+    dtypes = set().union(*seen.values())
+    assert dtypes and "?" not in dtypes, seen
+    if native:
+        assert dtypes == {"c10::BFloat16"}, seen
+    else:
+        assert dtypes == {"float"}, seen
+        assert "mkldnn::_linear_pointwise" in seen, seen   # the forward on oneDNN, in fp32

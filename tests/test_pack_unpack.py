@@ -97,6 +97,27 @@ def test_token_ids_pack_on_the_backend(backend, dtype, poisoned):
     assert max_len == 9 and torch.equal(out, reference.unpack(want, want_cu, 9))
 
 
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+def test_unpack_ignores_row_padding(backend, dtype, poisoned):
+    """Rows of ``packed`` past cu_seqlens[-1] (row padding: the encoder rounds its packed rows
+    up, compiled or not) are ignored by unpack, and get a zero gradient."""
+    device = device_for(backend)
+    B, L, C, extra = 4, 9, 5, 7
+    vl = torch.tensor([9, 0, 1, 4], device=device)
+    X = torch.randn(B, L, C, device=device).to(dtype)
+    ref_packed, cu, _ = reference.pack(X, vl)
+    padded = torch.cat([ref_packed, torch.randn(extra, C, device=device).to(dtype)])
+    g_out = torch.randn(B, L, C, device=device).to(dtype)
+    with on_backend(backend, "unpack", device, dtype):
+        Pk = padded.clone().requires_grad_()
+        out = ops.unpack(Pk, cu, L)
+        (dP,) = torch.autograd.grad(out, Pk, g_out)
+    assert torch.equal(out, reference.unpack(ref_packed, cu, L))
+    T = ref_packed.shape[0]
+    assert torch.equal(dP[:T], reference.pack(g_out, vl)[0])
+    assert torch.equal(dP[T:], torch.zeros_like(dP[T:]))
+
+
 def test_cpp_any_dtype_and_gradcheck_float64():
     """The C++ copies take any dtype (token ids, fp64); gradcheck in float64."""
     require_extension()  # the glue registers autograd and fakes
@@ -166,9 +187,11 @@ I32 = dict(dtype=torch.int32)
     ("unpack", lambda: (torch.randn(4, 2), torch.tensor([1, 1, 4], **I32), 3), r"cu_seqlens\[0\] must be 0"),
     ("unpack", lambda: (torch.randn(4, 2), torch.tensor([0, 3, 2], **I32), 3), "length -1"),
     ("unpack", lambda: (torch.randn(4, 2), torch.tensor([0, 0, 4], **I32), 3), "length 4"),
-    ("unpack", lambda: (torch.randn(4, 2), torch.tensor([0, 1, 3], **I32), 3), "number of packed rows 4"),
+    ("unpack", lambda: (torch.randn(4, 2), torch.tensor([0, 1, 3], **I32), 3), None),  # row padding
+    ("unpack", lambda: (torch.randn(2, 2), torch.tensor([0, 1, 3], **I32), 3), "at most the number of packed rows 2"),
     ("pack_rows", lambda: (torch.randn(2, 3), torch.tensor([0, 1, 5], **I32), 5), r"length 4 .*\[0, L=3\]"),
-    ("pack_rows", lambda: (torch.randn(2, 3), torch.tensor([0, 1, 3], **I32), 5), "number of packed rows 5"),
+    ("pack_rows", lambda: (torch.randn(2, 3), torch.tensor([0, 1, 3], **I32), 5), None),  # row padding
+    ("pack_rows", lambda: (torch.randn(2, 3), torch.tensor([0, 1, 3], **I32), 2), "at most the number of packed rows 2"),
     ("pack_rows", lambda: (torch.randn(2, 3), torch.tensor([0, 1], **I32), 1), "B\\+1 = 3"),
 ])
 def test_cpp_bad_input(op, make_args, match):

@@ -12,6 +12,7 @@ import torch
 from fastbert.cli import main
 from fastbert.data import load_snli_split, snli_vocab
 from fastbert.train import FinetuneConfig, PretrainConfig, finetune, pretrain
+from op_testing import require_extension
 from train_testing import (DATA, REPO, SNLI, TINY, WIKI, WIKI_SPLIT,  # noqa: F401
                            book_format_pretrained, need, one_thread)
 
@@ -125,6 +126,35 @@ def test_compiled_matches_eager():
     _same_params(params(a["model"]), params(b["model"]), lr=1e-3, steps=2, rtol=1e-4,
                  atol=1e-5)
     assert a["test_acc"] == b["test_acc"]
+
+
+@pytest.mark.parametrize("task", ["finetune", "pretrain"])
+def test_compile_on_the_fast_path_one_graph_bounded(task):
+    """--compile on the cpp backend (the unpadded encoder: pack's data-dependent row count,
+    row bucketing) with batches of every shape (trimmed to their longest, a partial last
+    batch): one training graph (and one for evaluation), no recompile, no graph break, the
+    warm-up in step 1 only, reported in the metrics; losses match eager."""
+    require_extension()
+    if task == "finetune":
+        kw = dict(train_limit=80, test_limit=24, batch_size=32, epochs=1, dropout=0.0,
+                  lr=1e-3, backend="cpp", bucket=True)
+        eager, compiled = ft(**kw), ft(compile=True, **kw)
+        losses = "loss"
+        assert compiled["test_acc"] == eager["test_acc"]
+    else:
+        kw = dict(max_steps=3, batch_size=16, backend="cpp", dropout=0.0)
+        eager, compiled = pt(**kw), pt(compile=True, **kw)
+        losses = "mlm_loss"
+    shapes = len(eager["steps"])
+    assert shapes >= 3, shapes
+    for x, y in zip(eager["steps"], compiled["steps"]):
+        assert abs(x[losses] - y[losses]) < 1e-4 * max(1.0, abs(x[losses])), (x, y)
+    stats = compiled["compile"]
+    assert eager["compile"] is None
+    assert stats["recompiles"] == 0 and stats["graph_breaks"] == 0, stats
+    assert stats["frames_compiled_in_steps"] == 1 and stats["warmup_steps"] == [1], stats
+    assert stats["warmup_seconds"] > 0 and stats["steady_step_seconds_median"] > 0, stats
+    assert [s.get("frames_compiled") for s in compiled["steps"]][:2] == [1, None]
 
 
 def test_finetune_from_book_format_pretrained(tmp_path):

@@ -34,9 +34,11 @@ std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {
 }
 
 // x @ w^T + b.  fp32: oneDNN (2-3x MKL).  bf16: at::addmm / at::mm (itself oneDNN in bf16;
-// the pointwise op measured ~20% slower on the bert.small train step's bf16 GEMMs).
+// the pointwise op measured ~20% slower on the bert.small train step's bf16 GEMMs), except
+// on a CPU without oneDNN bf16 kernels, where onednn::linear runs it in fp32.
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
-  if (x.scalar_type() != at::kBFloat16) return onednn::linear(x, w, b, "none");
+  if (x.scalar_type() != at::kBFloat16 || onednn::bf16_via_fp32(x))
+    return onednn::linear(x, w, b, "none");
   return b.has_value() && b->defined() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
 }
 

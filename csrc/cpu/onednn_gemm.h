@@ -47,11 +47,28 @@ inline bool bf16_supported() {
   return ok;
 }
 
+// bf16 GEMMs on a CPU where oneDNN has no bf16 kernels (AVX2, no AVX-512): ATen's own bf16
+// GEMM is all that is left there, ~10x slower than fp32 (AVX2 EPYC, 2 threads, [1728, 256] x
+// [256, 768]: 52 ms vs 5 ms; widening both operands and running fp32: 4.5 ms).  So the GEMM
+// helpers below widen bf16 operands to fp32 there and round the result to bf16 once: the
+// same fp32 accumulation a bf16 GEMM does, rounded once instead of per tile.
+inline bool bf16_via_fp32(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 && !bf16_supported();
+}
+
+inline std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return t;
+  return t->to(at::kFloat);
+}
+
 // act(x @ w^T + b), act in {"none", "relu"}; x 2-D (may be a transposed view), w [out, in]
-// (may be a view).  float32, and bfloat16 where oneDNN supports it, go to oneDNN; other
-// dtypes (float64) to at::addmm.
+// (may be a view).  float32, and bfloat16 where oneDNN supports it, go to oneDNN (bf16
+// elsewhere: in fp32, bf16_via_fp32); other dtypes (float64) to at::addmm.
 inline at::Tensor linear(const at::Tensor& x, const at::Tensor& w,
                          const std::optional<at::Tensor>& b, const char* act) {
+  if (bf16_via_fp32(x))
+    return onednn::linear(x.to(at::kFloat), w.to(at::kFloat), to_float(b), act)
+        .to(at::kBFloat16);
   const auto dt = x.scalar_type();
   if (dt == at::kFloat || (dt == at::kBFloat16 && bf16_supported())) {
     if (const auto* op = linear_pointwise_op()) {
@@ -91,6 +108,8 @@ inline bool has_matmul() {
 // a @ b.  fp32 with oneDNN: its matmul (measured 1.3x the pointwise op with a transposed
 // weight, 2x MKL's at::mm here); otherwise at::mm (itself oneDNN in bf16).
 inline at::Tensor matmul(const at::Tensor& a, const at::Tensor& b) {
+  if (bf16_via_fp32(a))
+    return onednn::matmul(a.to(at::kFloat), b.to(at::kFloat)).to(at::kBFloat16);
   if (a.scalar_type() != at::kFloat || !has_matmul() || a.size(0) == 0 || b.size(1) == 0 ||
       a.size(1) == 0)
     return at::mm(a, b);
@@ -107,6 +126,8 @@ inline at::Tensor matmul(const at::Tensor& a, const at::Tensor& b) {
 inline at::Tensor weight_grad(const at::Tensor& g, const at::Tensor& a) {
   constexpr int64_t kRowChunk = 256;
   const int64_t M = g.size(0);
+  if (bf16_via_fp32(g) && M > 0)
+    return onednn::weight_grad(g.to(at::kFloat), a.to(at::kFloat)).to(at::kBFloat16);
   if (g.scalar_type() != at::kFloat || M == 0) return at::mm(g.t(), a);
   // Without oneDNN's matmul (torch 2.13 on an AVX2 CPU): MKL's at::mm, the reference's own
   // GEMM.  The pointwise op on transposed 256-row chunks (copies and reorders every chunk,

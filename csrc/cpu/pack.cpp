@@ -1,8 +1,10 @@
 // pack / unpack on the CPU: the unpadded encoder's entry and exit.
 //   pack(X[B, L, ...], valid_lens[B]) -> packed[T, ...] (the first valid_lens[b] rows of each
 //     sequence, in order), cu_seqlens[B+1] int32 (cu_seqlens[b] = first row of sequence b)
-//   unpack(packed, cu_seqlens, L) -> [B, L, ...], zeros at the pad positions
-//   pack_rows(X, cu_seqlens, T): pack with known offsets (unpack's backward)
+//   unpack(packed, cu_seqlens, L) -> [B, L, ...], zeros at the pad positions (rows of packed
+//     past cu_seqlens[-1], row padding, are ignored)
+//   pack_rows(X, cu_seqlens, T): pack with known offsets (unpack's backward; rows past
+//     cu_seqlens[-1] zero)
 // Reference (fastbert/backends/reference.py): X[mask] and out.masked_scatter(mask, packed).
 // Pure row copies (memcpy of whole rows, parallel over sequences), so any dtype works and
 // the result is bit-exact; pack's and unpack's backwards are each other.
@@ -56,8 +58,10 @@ void check_cu_seqlens(const at::Tensor& cu, int64_t T, int64_t L, const char* op
     TORCH_CHECK(len >= 0 && len <= L, op, ": sequence ", b, " has length ", len,
                 " (from cu_seqlens); lengths must lie in [0, L=", L, "]");
   }
-  TORCH_CHECK(off[c.numel() - 1] == T, op, ": cu_seqlens[-1] = ", off[c.numel() - 1],
-              " must equal the number of packed rows ", T);
+  // Fewer offsets than rows is row padding (rows that belong to no sequence: the encoder's
+  // row bucketing, ops.unpack's contract).
+  TORCH_CHECK(off[c.numel() - 1] <= T, op, ": cu_seqlens[-1] = ", off[c.numel() - 1],
+              " must be at most the number of packed rows ", T);
 }
 
 std::tuple<at::Tensor, at::Tensor> pack_cpu(const at::Tensor& X, const at::Tensor& valid_lens) {
@@ -101,9 +105,12 @@ at::Tensor pack_rows_cpu(const at::Tensor& X, const at::Tensor& cu_seqlens, int6
   shape[0] = T;
   const at::Tensor Xc = X.contiguous(), cu = cu_seqlens.contiguous();
   at::Tensor packed = poison_if_testing(at::empty(shape, X.options()));
-  if (packed.numel() > 0)
+  if (packed.numel() > 0) {
     copy_sequences(cu, X.size(1), row_bytes_of(X, 2), static_cast<char*>(Xc.data_ptr()),
                    static_cast<char*>(packed.data_ptr()), /*to_packed=*/true);
+    const int64_t used = cu.data_ptr<int32_t>()[cu.numel() - 1];
+    if (used < T) packed.narrow(0, used, T - used).zero_();  // row padding: zero gradient
+  }
   return packed;
 }
 

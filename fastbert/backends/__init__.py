@@ -248,7 +248,15 @@ def _warn_new(reasons: List[str], consequence: str, key: tuple = ()) -> None:
 
 def resolve_name(op: str, device_type: str, dtype: Optional[torch.dtype] = None) -> str:
     """The concrete backend that will run ``op`` on tensors of this device type and dtype."""
-    choice = get_backend()
+    return _resolve_choice(get_backend(), op, device_type, dtype)
+
+
+# Traced by torch.compile as a constant of its (guarded) arguments: read inside a trace, the
+# cache dict would get a guard of its own, and filling it would cost every compiled frame one
+# recompile.
+@torch._dynamo.assume_constant_result
+def _resolve_choice(choice: str, op: str, device_type: str,
+                    dtype: Optional[torch.dtype]) -> str:
     key = (choice, op, device_type, dtype)
     hit = _resolve_cache.get(key)
     if hit is not None:

@@ -33,6 +33,7 @@ SMALL_GEMM_ROWS = 128
 
 def small_gemm(x: torch.Tensor) -> bool:
     """True when ``x``'s GEMM should run on F.linear (see SMALL_GEMM_ROWS)."""
-    return (x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and x.device.type == "cpu" and x.numel() <= SMALL_GEMM_ROWS * x.shape[-1]
-            and not torch.compiler.is_compiling())
+    # Compiling first: under torch.compile the row count may be unbacked (packed tokens).
+    return (not torch.compiler.is_compiling() and x.dtype == torch.float32
+            and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.numel() <= SMALL_GEMM_ROWS * x.shape[-1])

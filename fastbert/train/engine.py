@@ -32,6 +32,7 @@ from torch import nn
 
 from ..data.batching import GlobalBatchSampler
 from . import checkpoint as ckpt_io
+from . import compiling
 from .common import (MetricsLog, Timer, all_reduce_sum, autocast, progress, rng_state,
                      set_rng_state)
 from .use import bert_options
@@ -111,6 +112,7 @@ class Engine:
     model: nn.Module = None
     global_step: int = 0
     last_checkpoint: Optional[str] = None
+    compile_stats: Any = None
     scaler_skipped: int = 0
 
     def say(self, *a, **k):
@@ -174,6 +176,11 @@ def _kill_hook():
 def train(cfg, dist, device, task: Task) -> Engine:
     """Run the loop for ``task``; returns the :class:`Engine` (its ``log``, ``timer``,
     ``examples``)."""
+    with compiling.scope(cfg.compile):
+        return _train(cfg, dist, device, task)
+
+
+def _train(cfg, dist, device, task: Task) -> Engine:
     main = dist.is_main
     log = MetricsLog(cfg.out_dir, dataclasses.asdict(cfg), enabled=main)
     eng = Engine(cfg, dist, device, task, log)
@@ -215,8 +222,9 @@ def train(cfg, dist, device, task: Task) -> Engine:
         model = nn.parallel.DistributedDataParallel(
             task.step_module, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        model = torch.compile(model)
+        model = compiling.compile_module(model)
     eng.model = model
+    eng.compile_stats = compiling.CompileStats(cfg.compile)
 
     def save(epoch, step_in_epoch, partial_sums=None):
         if not cfg.out_dir:
@@ -261,6 +269,7 @@ def train(cfg, dist, device, task: Task) -> Engine:
         bar = progress(loader, main and cfg.progress, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        total=task.progress_total(sampler, cfg, eng.global_step))
         for batch in bar:
+            eng.compile_stats.before_step()
             eng.timer.start()
             batch = [x.to(device, non_blocking=True) if torch.is_tensor(x)
                      else [t.to(device, non_blocking=True) for t in x] for x in batch]
@@ -283,6 +292,7 @@ def train(cfg, dist, device, task: Task) -> Engine:
             step_seconds = eng.timer.stop()
             step_in_epoch += 1
             eng.global_step += 1
+            compiled = eng.compile_stats.after_step(eng.global_step, step_seconds)
             rec = task.record(stats)
             first = next(iter(rec.values()))
             if not skipped and not torch.isfinite(torch.tensor(first)):
@@ -299,6 +309,8 @@ def train(cfg, dist, device, task: Task) -> Engine:
                    **rec, "seconds": step_seconds}
             if skipped:
                 row["scaler_skipped"] = True
+            if compiled:
+                row["frames_compiled"] = compiled
             if rss_every and eng.global_step % rss_every == 0:
                 row["rss_mb"] = round(rss_mb(), 1)
             log.steps.append(row)
@@ -328,4 +340,8 @@ def train(cfg, dist, device, task: Task) -> Engine:
         eng.say(f"GradScaler skipped {eng.scaler_skipped} step(s) (inf/NaN gradients in "
                 f"fp16; the scale was lowered)")
     log.data["scaler_skipped"] = eng.scaler_skipped
+    if cfg.compile:
+        log.data["compile"] = eng.compile_stats.summary()
+        eng.say(eng.compile_stats.line())
+        log.write()
     return eng

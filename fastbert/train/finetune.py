@@ -357,4 +357,4 @@ def _finetune(cfg: FinetuneConfig, dist) -> Dict[str, Any]:
     log.write(curves=("loss", "train_acc", "test_acc"))
     return {"epochs": log.epochs, "steps": log.steps, "test_acc": test_acc,
             "examples_per_sec": eps, "model": net, "vocab": vocab, "tokenizer": tokenizer,
-            "rank": dist.rank, "world_size": dist.world_size}
+            "rank": dist.rank, "world_size": dist.world_size, "compile": log.data.get("compile")}

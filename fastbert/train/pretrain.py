@@ -190,4 +190,4 @@ def _pretrain(cfg: PretrainConfig, dist) -> Dict[str, Any]:
     log.write(curves=curves)
     return {"steps": steps, "epochs": log.epochs, "mlm_loss": mlm, "nsp_loss": nsp,
             "pairs_per_sec": pps, "model": bert, "vocab": vocab, "rank": dist.rank,
-            "world_size": dist.world_size}
+            "world_size": dist.world_size, "compile": log.data.get("compile")}
