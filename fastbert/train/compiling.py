@@ -8,7 +8,8 @@ warm-up measured.
   ``capture_dynamic_output_shape_ops`` lets Dynamo trace through ``pack`` instead of
   breaking the graph there (which cost one graph, and its recompiles, per module below it).
   That setting is Dynamo's process-wide config, so it is set only inside :func:`scope`,
-  around fastbert's own loop, and restored after.
+  around fastbert's own loop, and restored after; so is ``use_duck_shape=False``
+  (:data:`SHAPE_CONFIG`: a first batch of size equal to its length must not tie the two).
 * So a run compiles one training graph and one evaluation graph (grad mode off), however its
   batches are shaped; :class:`CompileStats` counts what Dynamo compiled anyway (recompiles,
   graph breaks) and which steps paid for it, into the metrics log.
@@ -30,11 +31,21 @@ def compile_module(module: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(module, dynamic=True)
 
 
+# Without duck shaping: by default the first trace gives dims of equal size one symbol, so a
+# first batch whose size equals its (trimmed) length (32 x 32) guards B == L and the next
+# batch recompiles.  A batch's size and length are unrelated.
+SHAPE_CONFIG = {"use_duck_shape": False}
+
+
+@contextlib.contextmanager
 def scope(enabled: bool):
     """Dynamo's config for fastbert's graphs, for the duration of the block (or nothing)."""
     if not enabled:
-        return contextlib.nullcontext()
-    return torch._dynamo.config.patch(**DYNAMO_CONFIG)
+        yield
+        return
+    import torch.fx.experimental._config as shape_config
+    with torch._dynamo.config.patch(**DYNAMO_CONFIG), shape_config.patch(**SHAPE_CONFIG):
+        yield
 
 
 def _counters() -> Dict[str, int]:
