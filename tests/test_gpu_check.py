@@ -42,6 +42,11 @@ def _run_check(out_dir, tests_args, *extra, timeout=240, **env_extra):
     env = dict(os.environ, PYTHON=sys.executable, FASTBERT_GPU_CHECK_TESTS=tests_args,
                **env_extra)
     env.pop("OUT", None)
+    # Under pytest-xdist (.ci/run: -n 2) this process is a worker, and the dry run's own
+    # pytest runs would inherit PYTEST_XDIST_WORKER: pytest-benchmark then disables itself
+    # and rejects --benchmark-only.  The dry run is a top-level run, as on the GPU machine.
+    for key in [k for k in env if k.startswith("PYTEST_XDIST_")]:
+        del env[key]
     return subprocess.run(["bash", SCRIPT, "--dry-run", "--out", str(out_dir), *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
