@@ -356,6 +356,8 @@ class BERTClassifier(nn.Module):
             cls = cls[:, 0, :]
         else:
             cls = self.encoder(tokens_X, segments_X, valid_lens_x)[:, 0, :]
-        # The head stays modules: as 2 direct addmm it measured no faster at batch 1 (~45 us
-        # either way, bert.small, 1 thread; fastbert/inference_plan.py).
+        # The head stays modules.  Run warm and alone it cost ~45 us either way; right after
+        # a batch-1 encoder call it measured 98-175 us as modules vs 56-98 us as 2 direct
+        # addmm (1-2 threads, benchmarks/README.md): 2-3% of the call, not taken yet, since
+        # skipping the modules would need the plan's hook and type checks for them too.
         return self.output(self.hidden(cls))
